@@ -1,0 +1,304 @@
+"""Extraction: batched forward passes whose captured Q/K stream into a run store.
+
+`extract_part` writes the sequences of one range of source rows as one part; a single
+process extracts the whole corpus as part 0, and `workflows/` shards rows over workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import string
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.config import ExtractConfig
+from pipeline.models import LoadedModel, capturing, load_model
+from pipeline.sources import Sequence, open_source
+from pipeline.store import FORMAT, PartWriter, RunDir, VectorSpec, commit_part, committed_parts, part_name
+
+WORD_PIECE_MARKS = ("##", "Ġ", "▁", "Ċ")
+
+
+class ExtractError(RuntimeError):
+    """Extraction cannot start or continue; the message says why."""
+
+
+@dataclass
+class Batch:
+    sequences: list[Sequence]
+    inputs: dict  # model inputs, padded on the right
+    lengths: list[int]  # real tokens per sequence
+    truncated: list[bool]
+    token_ids: list[list[int]]
+
+
+def is_punctuation(token: str) -> bool:
+    stripped = token
+    for mark in WORD_PIECE_MARKS:
+        stripped = stripped.replace(mark, "")
+    return bool(stripped) and all(unicodedata.category(ch).startswith("P") or ch in string.punctuation
+                                  for ch in stripped)
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def text_batches(loaded: LoadedModel, sequences: Iterable[Sequence], batch_size: int, max_length: int,
+                 overlong: str, skipped: Counter) -> Iterator[Batch]:
+    tokenizer = loaded.tokenizer
+    for chunk in _chunks(sequences, batch_size):
+        encoded = tokenizer([item.text for item in chunk], add_special_tokens=True)["input_ids"]
+        kept, ids, truncated = [], [], []
+        for item, token_ids in zip(chunk, encoded):
+            too_long = len(token_ids) > max_length
+            if too_long and overlong == "skip":
+                skipped["overlong"] += 1
+                continue
+            if too_long:
+                token_ids = tokenizer(item.text, truncation=True, max_length=max_length)["input_ids"]
+            if not token_ids:
+                skipped["no_tokens"] += 1
+                continue
+            kept.append(item)
+            ids.append(token_ids)
+            truncated.append(too_long)
+        if not kept:
+            continue
+        inputs = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        yield Batch(kept, dict(inputs), [len(t) for t in ids], truncated, ids)
+
+
+def image_batches(loaded: LoadedModel, sequences: Iterable[Sequence], batch_size: int) -> Iterator[Batch]:
+    n_tokens = loaded.max_positions
+    for chunk in _chunks(sequences, batch_size):
+        inputs = loaded.image_processor(images=[item.image for item in chunk], return_tensors="pt")
+        ids = [list(range(n_tokens)) for _ in chunk]
+        yield Batch(chunk, dict(inputs), [n_tokens] * len(chunk), [False] * len(chunk), ids)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+# --- forward pass with capture -------------------------------------------------------------
+
+
+def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Run one batch; return queries [layer, head_index, token, d_head] and keys
+    [layer, kv_head_index, token, d_head] of the real (unpadded) tokens, batch-major."""
+    layout = loaded.layout
+    n_real = sum(batch.lengths)
+    queries = np.empty((len(layers), layout.n_heads, n_real, layout.d_head), dtype=dtype)
+    keys = np.empty((len(layers), layout.n_kv_heads, n_real, layout.d_head), dtype=dtype)
+    slot_of_layer = {layer: slot for slot, layer in enumerate(layers)}
+    inputs = {name: tensor.to(loaded.device) for name, tensor in batch.inputs.items()}
+    if "attention_mask" in inputs:
+        real = inputs["attention_mask"].reshape(-1).nonzero().squeeze(1)
+    else:
+        real = None
+    torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
+
+    def sink(module, query, key, _kwargs):
+        slot = slot_of_layer.get(loaded.layer_of_module[id(module)])
+        if slot is None:
+            return
+        for target, states in ((queries, query), (keys, key)):
+            # [batch, head, pos, d_head] -> [head, batch * pos, d_head] -> real tokens only
+            flat = states.detach().transpose(0, 1).reshape(states.shape[1], -1, states.shape[-1])
+            if real is not None:
+                flat = flat.index_select(1, real)
+            target[slot] = flat.to(torch_dtype).cpu().numpy()
+
+    with torch.inference_mode(), capturing(sink):
+        loaded.model(**inputs)
+    return queries, keys
+
+
+def token_columns(loaded: LoadedModel, batch: Batch) -> dict:
+    rows = {name: [] for name in ("seq_id", "pos", "token_id", "token", "seq_len", "pos_norm", "is_special",
+                                  "is_punct", "patch_row", "patch_col", "mean_r", "mean_g", "mean_b")}
+    if loaded.modality == "text":
+        special = set(loaded.tokenizer.all_special_ids)
+        for item, ids in zip(batch.sequences, batch.token_ids):
+            tokens = loaded.tokenizer.convert_ids_to_tokens(ids)
+            n = len(ids)
+            rows["seq_id"] += [item.row] * n
+            rows["pos"] += list(range(n))
+            rows["token_id"] += ids
+            rows["token"] += tokens
+            rows["seq_len"] += [n] * n
+            rows["pos_norm"] += [p / max(n - 1, 1) for p in range(n)]
+            rows["is_special"] += [i in special for i in ids]
+            rows["is_punct"] += [is_punctuation(t) for t in tokens]
+        for name in ("patch_row", "patch_col", "mean_r", "mean_g", "mean_b"):
+            rows[name] = [None] * len(rows["seq_id"])
+        return rows
+    grid, prefix = loaded.patch_grid, loaded.prefix_tokens
+    size = grid * 16
+    for item, ids in zip(batch.sequences, batch.token_ids):
+        n = len(ids)
+        pixels = np.asarray(item.image.convert("RGB").resize((size, size)), dtype=np.float32)
+        patch_means = pixels.reshape(grid, 16, grid, 16, 3).mean(axis=(1, 3)).reshape(-1, 3)
+        rows["seq_id"] += [item.row] * n
+        rows["pos"] += list(range(n))
+        rows["token_id"] += ids
+        rows["seq_len"] += [n] * n
+        rows["pos_norm"] += [p / max(n - 1, 1) for p in range(n)]
+        for pos in range(n):
+            is_patch = pos >= prefix
+            patch = pos - prefix
+            rows["token"].append(f"patch ({patch // grid},{patch % grid})" if is_patch else
+                                 ("[CLS]" if pos == 0 else "[DIST]"))
+            rows["is_special"].append(not is_patch)
+            rows["is_punct"].append(False)
+            rows["patch_row"].append(patch // grid if is_patch else -1)
+            rows["patch_col"].append(patch % grid if is_patch else -1)
+            colour = patch_means[patch] if is_patch else patch_means.mean(axis=0)
+            for channel, value in zip(("mean_r", "mean_g", "mean_b"), colour):
+                rows[channel].append(int(round(float(value))))
+    return rows
+
+
+def sequence_columns(batch: Batch) -> dict:
+    starts = np.concatenate([[0], np.cumsum(batch.lengths)[:-1]]).tolist()
+    return {
+        "seq_id": [item.row for item in batch.sequences],
+        "token_start": starts,
+        "n_tokens": batch.lengths,
+        "truncated": batch.truncated,
+        "text": [item.text for item in batch.sequences],
+        "path": [item.meta.get("path") for item in batch.sequences],
+        "meta": [json.dumps(item.meta, default=str) if item.meta else None for item in batch.sequences],
+    }
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+
+def stored_layers(config: ExtractConfig, loaded: LoadedModel) -> list[int]:
+    layers = config.layers or list(range(loaded.layout.n_layers))
+    bad = [layer for layer in layers if layer >= loaded.layout.n_layers]
+    if bad:
+        raise ExtractError(f"--layers {bad} out of range: {config.model} has {loaded.layout.n_layers} layers")
+    return layers
+
+
+def run_manifest(config: ExtractConfig, loaded: LoadedModel) -> dict:
+    layout = loaded.layout
+    return {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": loaded.manifest_entry(),
+        "config": config.model_dump(),
+        "layers": stored_layers(config, loaded),
+        "dtype": config.dtype,
+        "chunk_tokens": config.chunk_tokens,
+        "attention": {"n_layers": layout.n_layers, "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
+                      "d_head": layout.d_head, "scale": layout.scale, "mask_rule": layout.mask_rule,
+                      "sliding_window": layout.sliding_window, "kv_head_of_q": layout.kv_head_of_q,
+                      "captured": "query/key states as passed to the attention function: after rotary "
+                                  "embedding, bias included, before the scale"},
+    }
+
+
+def prepare_run(config: ExtractConfig, loaded: LoadedModel, overwrite: bool = False) -> RunDir:
+    """Create the run directory or check that an existing one was made with the same settings."""
+    run = RunDir(config.out)
+    manifest = run_manifest(config, loaded)
+    if run.exists("manifest.json"):
+        existing = run.read_json("manifest.json")
+        if overwrite:
+            for folder in ("vectors.zarr", "tokens", "sequences", "parts", "projections", "manifest.json"):
+                run.remove(folder)
+        elif existing.get("config") != manifest["config"]:
+            raise ExtractError(f"{config.out} holds a run made with other settings; use another --out or --overwrite")
+        else:
+            return run
+    run.fs.makedirs(run.root, exist_ok=True)
+    run.write_json(manifest, "manifest.json")
+    return run
+
+
+def configure_threads(config: ExtractConfig) -> None:
+    threads = config.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+
+
+def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index: int = 0,
+                 rows: tuple[int, int | None] = (0, None), on_batch: Callable[[int, int], None] | None = None) -> dict:
+    """Extract source rows [start, stop) into part `index` and commit it. Returns its record."""
+    skipped: Counter = Counter()
+    layers = stored_layers(config, loaded)
+    dtype = np.dtype(config.dtype)
+    layout = loaded.layout
+    sequences: Iterator[Sequence] = open_source(config.data, config.text_column, skipped)
+    start, stop = rows
+    sequences = (item for item in sequences if item.row >= start and (stop is None or item.row < stop))
+    if stop is not None:
+        sequences = _stop_after_row(sequences, stop)
+    if config.limit is not None:
+        sequences = itertools.islice(sequences, config.limit)
+    if loaded.modality == "text":
+        max_length = config.max_length or loaded.max_positions
+        batches = text_batches(loaded, sequences, config.batch_size, max_length, config.overlong, skipped)
+    else:
+        batches = image_batches(loaded, sequences, config.batch_size)
+    spec = VectorSpec(len(layers), layout.n_heads, layout.n_kv_heads, layout.d_head, config.dtype, config.chunk_tokens)
+    writer = PartWriter(run, index, spec)
+    began = time.perf_counter()
+    truncated = 0
+    try:
+        for batch in batches:
+            queries, keys = forward_qk(loaded, batch, layers, dtype)
+            writer.append(queries, keys, token_columns(loaded, batch), sequence_columns(batch))
+            truncated += sum(batch.truncated)
+            if on_batch is not None:
+                on_batch(len(batch.sequences), sum(batch.lengths))
+        counts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if counts["n_sequences"] == 0:
+        writer.abort()
+        raise ExtractError(f"no usable sequences in {config.data} rows {start}..{stop if stop is not None else 'end'}"
+                           f" (skipped: {dict(skipped) or 'none'})")
+    record = dict(counts, rows=[start, stop], skipped=dict(skipped), truncated=truncated,
+                  seconds=round(time.perf_counter() - began, 3))
+    commit_part(run, index, record)
+    return record
+
+
+def _stop_after_row(sequences: Iterator[Sequence], stop: int) -> Iterator[Sequence]:
+    for item in sequences:
+        if item.row >= stop:
+            return
+        yield item
+
+
+def extract(config: ExtractConfig, overwrite: bool = False, progress: Callable | None = None,
+            loaded: LoadedModel | None = None) -> dict:
+    """Extract the whole source as one part. Skips work already committed; returns a summary."""
+    configure_threads(config)
+    loaded = loaded or load_model(config.model, config.device, config.max_length)
+    run = prepare_run(config, loaded, overwrite)
+    done = committed_parts(run)
+    began = time.perf_counter()
+    if part_name(0) in done:
+        record, resumed = done[part_name(0)], True
+    else:
+        record, resumed = extract_part(loaded, config, run, 0, on_batch=progress), False
+    manifest = run.read_json("manifest.json")
+    manifest["extract"] = {"parts": 1, "complete": True}
+    run.write_json(manifest, "manifest.json")
+    return dict(record, out=config.out, already_done=resumed, n_layers=len(stored_layers(config, loaded)),
+                n_heads=loaded.layout.n_heads, wall_seconds=round(time.perf_counter() - began, 3))

@@ -1,0 +1,1 @@
+"""Orchestration: the `qkatlas` command line, benchmarks, and (later) Dask graphs over `pipeline/`."""

@@ -36,7 +36,8 @@ class ExtractConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="stop after this many sequences")
     dtype: Literal["float16", "float32"] = "float16"
     layers: list[int] | None = Field(None, description="model layers to store; default: all")
-    chunk_tokens: int = Field(32768, ge=256, description="tokens per Zarr chunk along the token axis")
+    chunk_tokens: int = Field(16384, ge=256, description="tokens per Zarr chunk along the token axis")
+    compression: Literal["lz4", "zstd", "none"] = Field("lz4", description="codec of the Q/K chunks")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
 

@@ -52,12 +52,14 @@ def is_punctuation(token: str) -> bool:
 
 
 def text_batches(loaded: LoadedModel, sequences: Iterable[Sequence], batch_size: int, max_length: int,
-                 overlong: str, skipped: Counter) -> Iterator[Batch]:
+                 overlong: str, skipped: Counter, window_batches: int = 32) -> Iterator[Batch]:
+    """Tokenize a window of `batch_size * window_batches` sequences at a time and batch them
+    by length, so that padding (wasted compute) stays small; memory stays bounded by the window."""
     tokenizer = loaded.tokenizer
-    for chunk in _chunks(sequences, batch_size):
-        encoded = tokenizer([item.text for item in chunk], add_special_tokens=True)["input_ids"]
-        kept, ids, truncated = [], [], []
-        for item, token_ids in zip(chunk, encoded):
+    for window in _chunks(sequences, batch_size * window_batches):
+        encoded = tokenizer([item.text for item in window], add_special_tokens=True)["input_ids"]
+        kept = []
+        for item, token_ids in zip(window, encoded):
             too_long = len(token_ids) > max_length
             if too_long and overlong == "skip":
                 skipped["overlong"] += 1
@@ -67,13 +69,12 @@ def text_batches(loaded: LoadedModel, sequences: Iterable[Sequence], batch_size:
             if not token_ids:
                 skipped["no_tokens"] += 1
                 continue
-            kept.append(item)
-            ids.append(token_ids)
-            truncated.append(too_long)
-        if not kept:
-            continue
-        inputs = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-        yield Batch(kept, dict(inputs), [len(t) for t in ids], truncated, ids)
+            kept.append((item, token_ids, too_long))
+        kept.sort(key=lambda entry: len(entry[1]))
+        for chunk in _chunks(kept, batch_size):
+            items, ids, truncated = (list(column) for column in zip(*chunk))
+            inputs = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+            yield Batch(items, dict(inputs), [len(t) for t in ids], truncated, ids)
 
 
 def image_batches(loaded: LoadedModel, sequences: Iterable[Sequence], batch_size: int) -> Iterator[Batch]:
@@ -144,11 +145,12 @@ def token_columns(loaded: LoadedModel, batch: Batch) -> dict:
             rows[name] = [None] * len(rows["seq_id"])
         return rows
     grid, prefix = loaded.patch_grid, loaded.prefix_tokens
-    size = grid * 16
+    side = int(loaded.model.config.image_size) // grid  # pixels per patch side, as the model sees them
+    size = grid * side
     for item, ids in zip(batch.sequences, batch.token_ids):
         n = len(ids)
         pixels = np.asarray(item.image.convert("RGB").resize((size, size)), dtype=np.float32)
-        patch_means = pixels.reshape(grid, 16, grid, 16, 3).mean(axis=(1, 3)).reshape(-1, 3)
+        patch_means = pixels.reshape(grid, side, grid, side, 3).mean(axis=(1, 3)).reshape(-1, 3)
         rows["seq_id"] += [item.row] * n
         rows["pos"] += list(range(n))
         rows["token_id"] += ids
@@ -253,7 +255,8 @@ def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index:
         batches = text_batches(loaded, sequences, config.batch_size, max_length, config.overlong, skipped)
     else:
         batches = image_batches(loaded, sequences, config.batch_size)
-    spec = VectorSpec(len(layers), layout.n_heads, layout.n_kv_heads, layout.d_head, config.dtype, config.chunk_tokens)
+    spec = VectorSpec(len(layers), layout.n_heads, layout.n_kv_heads, layout.d_head, config.dtype, config.chunk_tokens,
+                      config.compression)
     writer = PartWriter(run, index, spec)
     began = time.perf_counter()
     truncated = 0

@@ -163,6 +163,10 @@ def _smollm2_cache() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_files[0].name)
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_files[0].name, dtype=torch.float32)
     partial = cache.with_name(cache.name + ".partial")
+    # The weights are dequantized to float32 by now; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     partial.rename(cache)

@@ -204,7 +204,9 @@ def _image_folder(path: Path, skipped: Counter) -> Iterator[Sequence | None]:
 # --- packaged demo corpora -------------------------------------------------------------
 
 _WIKI_EMPHASIS = re.compile(r"'{2,}")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "St", "Prof", "Jr", "Sr", "vs", "No", "Gen", "Col", "Lt", "Inc", "Co")
+_SENTENCE_END = re.compile("".join(rf"(?<!\b{word}\.)" for word in _ABBREVIATIONS)
+                           + r"(?<![\s.][A-Z]\.)(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 
 
 def split_sentences(paragraph: str, min_words: int = 4) -> list[str]:
@@ -276,7 +278,7 @@ def _demo_skimage() -> Iterator[Sequence]:
         raise SourceError("demo:skimage needs scikit-image (pip install 'qkatlas[images]')") from None
     names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "page",
              "horse", "text", "clock", "brick", "grass", "gravel", "colorwheel", "immunohistochemistry",
-             "hubble_deep_field", "retina", "logo", "cat", "eagle", "skin"]
+             "hubble_deep_field", "retina", "logo", "cat"]  # the ones bundled in the wheel, no download
     for name in names:
         loader = getattr(skimage.data, name, None)
         if loader is None:

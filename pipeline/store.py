@@ -110,14 +110,24 @@ class VectorSpec:
     n_kv_heads: int
     d_head: int
     dtype: str = "float16"
-    chunk_tokens: int = 32768
+    chunk_tokens: int = 16384
+    compression: str = "lz4"
+
+
+COMPRESSORS = {
+    # Real fp16 Q/K barely compress (ratio ~1.01 on MiniLM), so the default is the cheapest codec.
+    "lz4": lambda: BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle),
+    "zstd": lambda: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
+    "none": lambda: None,
+}
 
 
 class PartWriter:
-    """Streams one part: Q/K buffered to whole chunks and written in a background thread.
+    """Streams one part: Q/K go into two preallocated chunk buffers; a full buffer is written
+    by a background thread while the other fills.
 
-    Memory is bounded by about two chunks' worth of tokens whatever the corpus size, and
-    every chunk is written exactly once (no read-modify-write).
+    Memory is two chunks' worth of tokens whatever the corpus size, and every chunk is written
+    exactly once (no read-modify-write).
     """
 
     def __init__(self, run: RunDir, index: int, spec: VectorSpec):
@@ -127,28 +137,28 @@ class PartWriter:
             run.remove(*stale)
         group = zarr.open_group(run.url_of("vectors.zarr"), mode="a")
         part = group.require_group(self.name)
-        compressor = BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)
+        heads = {"q": spec.n_heads, "k": spec.n_kv_heads}
         self.arrays = {
             name: part.create_array(
-                name, shape=(spec.n_layers, heads, 0, spec.d_head), dtype=spec.dtype,
-                chunks=(1, 1, spec.chunk_tokens, spec.d_head), compressors=compressor,
+                name, shape=(spec.n_layers, heads[name], 0, spec.d_head), dtype=spec.dtype,
+                chunks=(1, 1, spec.chunk_tokens, spec.d_head), compressors=COMPRESSORS[spec.compression](),
                 dimension_names=("layer", "head_index" if name == "q" else "kv_head_index", "token", "d_head"),
             )
-            for name, heads in (("q", spec.n_heads), ("k", spec.n_kv_heads))
+            for name in ("q", "k")
         }
+        self._buffers = [{name: np.empty((spec.n_layers, heads[name], spec.chunk_tokens, spec.d_head), spec.dtype)
+                          for name in ("q", "k")} for _ in range(2)]
+        self._current, self._fill = 0, 0
         for folder in ("tokens", "sequences"):
             run.fs.makedirs(run.path(folder), exist_ok=True)
         self._token_file = run.fs.open(run.path("tokens", f"{self.name}.parquet.partial"), "wb")
         self._sequence_file = run.fs.open(run.path("sequences", f"{self.name}.parquet.partial"), "wb")
         self._tokens = pq.ParquetWriter(self._token_file, TOKEN_SCHEMA, compression="zstd")
         self._sequences = pq.ParquetWriter(self._sequence_file, SEQUENCE_SCHEMA, compression="zstd")
-        self._pending_q: list[np.ndarray] = []
-        self._pending_k: list[np.ndarray] = []
-        self._pending_tokens: list[dict] = []
-        self._pending_sequences: list[dict] = []
-        self._buffered = 0
+        self._pending_tokens: list[pa.Table] = []
+        self._pending_sequences: list[pa.Table] = []
         self.n_tokens = 0  # tokens handed to append()
-        self._written = 0  # tokens whose vectors were submitted for writing
+        self._written = 0  # tokens whose vectors were handed to the writer thread
         self.n_sequences = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkatlas-writer")
         self._inflight: Future | None = None
@@ -159,44 +169,41 @@ class PartWriter:
         n = queries.shape[2]
         sequences = dict(sequences, part=[self.name] * len(sequences["seq_id"]),
                          token_start=[self.n_tokens + start for start in sequences["token_start"]])
-        self._pending_q.append(queries)
-        self._pending_k.append(keys)
-        self._pending_tokens.append(tokens)
-        self._pending_sequences.append(sequences)
-        self._buffered += n
+        self._pending_tokens.append(pa.table(tokens, schema=TOKEN_SCHEMA))
+        self._pending_sequences.append(pa.table(sequences, schema=SEQUENCE_SCHEMA))
         self.n_tokens += n
         self.n_sequences += len(sequences["seq_id"])
-        if self._buffered >= self.spec.chunk_tokens:
-            self._flush(final=False)
+        offset = 0
+        while offset < n:
+            take = min(n - offset, self.spec.chunk_tokens - self._fill)
+            buffer = self._buffers[self._current]
+            buffer["q"][:, :, self._fill:self._fill + take] = queries[:, :, offset:offset + take]
+            buffer["k"][:, :, self._fill:self._fill + take] = keys[:, :, offset:offset + take]
+            self._fill += take
+            offset += take
+            if self._fill == self.spec.chunk_tokens:
+                self._submit()
 
-    def _flush(self, final: bool) -> None:
-        queries = np.concatenate(self._pending_q, axis=2) if self._pending_q else None
-        keys = np.concatenate(self._pending_k, axis=2) if self._pending_k else None
-        if queries is None:
-            return
-        n_out = queries.shape[2] if final else (queries.shape[2] // self.spec.chunk_tokens) * self.spec.chunk_tokens
-        self._pending_q = [queries[:, :, n_out:]] if n_out < queries.shape[2] else []
-        self._pending_k = [keys[:, :, n_out:]] if n_out < keys.shape[2] else []
-        self._buffered = queries.shape[2] - n_out
-        token_table = pa.Table.from_pylist([], schema=TOKEN_SCHEMA) if not self._pending_tokens else pa.concat_tables(
-            [pa.table(columns, schema=TOKEN_SCHEMA) for columns in self._pending_tokens])
-        sequence_table = pa.concat_tables(
-            [pa.table(columns, schema=SEQUENCE_SCHEMA) for columns in self._pending_sequences])
+    def _submit(self) -> None:
+        """Hand the current buffer to the writer thread and switch to the other one."""
+        self._wait()  # the other buffer's write must be done before it is refilled
+        buffer, n = self._buffers[self._current], self._fill
+        tokens = pa.concat_tables(self._pending_tokens) if self._pending_tokens else None
+        sequences = pa.concat_tables(self._pending_sequences) if self._pending_sequences else None
         self._pending_tokens, self._pending_sequences = [], []
-        start = self._written
-        self._written += n_out
-        self._wait()
-        self._inflight = self._pool.submit(self._write, start, queries[:, :, :n_out], keys[:, :, :n_out],
-                                           token_table, sequence_table)
+        self._inflight = self._pool.submit(self._write, self._written, buffer, n, tokens, sequences)
+        self._written += n
+        self._current, self._fill = 1 - self._current, 0
 
-    def _write(self, start: int, queries, keys, token_table, sequence_table) -> None:
-        stop = start + queries.shape[2]
-        for name, block in (("q", queries), ("k", keys)):
-            array = self.arrays[name]
+    def _write(self, start: int, buffer: dict, n: int, tokens: pa.Table | None, sequences: pa.Table | None) -> None:
+        stop = start + n
+        for name, array in self.arrays.items():
             array.resize(array.shape[:2] + (stop, self.spec.d_head))
-            array[:, :, start:stop, :] = block
-        self._tokens.write_table(token_table)
-        self._sequences.write_table(sequence_table)
+            array[:, :, start:stop, :] = buffer[name][:, :, :n]
+        if tokens is not None:
+            self._tokens.write_table(tokens)
+        if sequences is not None:
+            self._sequences.write_table(sequences)
 
     def _wait(self) -> None:
         if self._inflight is not None:
@@ -205,7 +212,8 @@ class PartWriter:
 
     def close(self) -> dict:
         """Write what is buffered and close the files; the caller commits the part."""
-        self._flush(final=True)
+        if self._fill or self._pending_tokens:
+            self._submit()
         self._wait()
         self._pool.shutdown()
         self._tokens.close()

@@ -53,7 +53,7 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="stop after N sequences"),
     dtype: Optional[str] = typer.Option(None, help="float16|float32 storage [float16]"),
     layers: Optional[str] = typer.Option(None, help="comma-separated layers to store [all]"),
-    chunk_tokens: Optional[int] = typer.Option(None, help="tokens per Zarr chunk [32768]"),
+    chunk_tokens: Optional[int] = typer.Option(None, help="tokens per Zarr chunk [16384]"),
     device: Optional[str] = typer.Option(None, help="auto|cpu|cuda [auto]"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads [all cores]"),
     overwrite: bool = typer.Option(False, help="replace an existing run in --out"),

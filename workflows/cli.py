@@ -102,6 +102,85 @@ def extract(
 
 
 @app.command()
+def reduce(
+    run: str = typer.Argument(..., help="run directory or URL made by `qkatlas extract`"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run file; its `reduce:` section is used"),
+    method: Optional[str] = typer.Option(None, help="pca, umap, tsne, or a comma list [umap]"),
+    dim: Optional[str] = typer.Option(None, help="2, 3, or 2,3 [2]"),
+    layers: Optional[str] = typer.Option(None, help="comma-separated layers [all stored]"),
+    heads: Optional[str] = typer.Option(None, help="comma-separated query heads [all]"),
+    backend: Optional[str] = typer.Option(None, help="auto|cpu|gpu [auto: GPU where cuML sees a device]"),
+    sample_threshold: Optional[int] = typer.Option(None, help="points above which a head is fitted on a sample "
+                                                              "[cpu: umap 50k, tsne 20k; gpu: millions]"),
+    sample_size: Optional[int] = typer.Option(None, help="points in that sample [cpu: umap 20k, tsne 10k]"),
+    refine_epochs: Optional[int] = typer.Option(None, help="UMAP epochs over the full kNN graph after "
+                                                           "interpolation [100]; 0 = interpolation only"),
+    metric: Optional[str] = typer.Option(None, help="cosine|euclidean [cosine]"),
+    translate_keys: Optional[bool] = typer.Option(None, "--translate-keys/--no-translate-keys",
+                                                  help="key translation [on]"),
+    scale_norms: Optional[bool] = typer.Option(None, "--scale-norms/--no-scale-norms", help="equal mean norms [on]"),
+    seed: Optional[int] = typer.Option(None, help="fix the layout (umap-learn then runs single-threaded)"),
+    overwrite: bool = typer.Option(False, help="recompute heads that are already projected"),
+) -> None:
+    """Project every selected head's normalized queries and keys into one joint 2-D/3-D layout."""
+    from pipeline.config import ConfigError, ReduceConfig, load_config
+    from pipeline.reduce import BackendError
+    from pipeline.store import StoreError, open_run
+
+    _cache_numba()
+    flags = dict(methods=method.split(",") if method else None,
+                 dims=[int(d) for d in dim.split(",")] if dim else None, layers=layers, heads=heads,
+                 backend=backend, sample_threshold=sample_threshold, sample_size=sample_size,
+                 refine_epochs=refine_epochs, metric=metric, translate_keys=translate_keys,
+                 scale_norms=scale_norms, seed=seed)
+    flags = {key: value for key, value in flags.items() if value is not None}
+    try:
+        base = load_config(config).reduce.model_dump() if config is not None else {}
+        settings = _validate_reduce(dict(base, **flags))
+        from pipeline.reduce.project import head_tasks, reduce_run
+
+        tasks = head_tasks(open_run(run), settings)
+    except (ConfigError, StoreError, ValueError, BackendError) as error:
+        _fail(error)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("[bold]projecting"), BarColumn(), MofNCompleteColumn(), TextColumn("heads  {task.fields[last]}"),
+               TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console) as bar:
+            job = bar.add_task("reduce", total=len(tasks), last="")
+
+            def on_head(task, record):
+                method_, dim_, layer_, head_ = task
+                quality = record["quality"]
+                bar.update(job, advance=1, last=f"L{layer_}H{head_} {method_} {dim_}-D {record['seconds']:.1f}s "
+                                                f"kNN {quality['knn_preservation']:.2f}")
+
+            summary = reduce_run(run, settings, overwrite=overwrite, on_head=on_head)
+    except BackendError as error:
+        _fail(error)
+    console.print(f"[bold green]projected[/] {summary['projected']} heads on the {summary['backend']} backend in "
+                  f"{summary['seconds']:.1f} s ({summary['done_before']} already done)")
+
+
+def _validate_reduce(raw: dict):
+    from pydantic import ValidationError
+
+    from pipeline.config import ConfigError, ReduceConfig, _describe
+
+    try:
+        return ReduceConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, "reduce options")) from None
+
+
+def _cache_numba() -> None:
+    """umap-learn and pynndescent compile with numba; keep the compiled code between processes."""
+    cache = Path(os.environ.get("QKATLAS_CACHE", Path.home() / ".cache" / "qkatlas")) / "numba"
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache))
+
+
+@app.command()
 def info(run: str = typer.Argument(..., help="run directory or URL")) -> None:
     """Print what a run holds."""
     from pipeline.store import StoreError, open_run
@@ -131,6 +210,22 @@ def bench_extract(
     from workflows.bench import bench_extract as run_bench
 
     run_bench(model, data, sequences, batch_size, threads, memory)
+
+
+@bench_app.command("reduce")
+def bench_reduce(
+    run: Optional[str] = typer.Option(None, help="run to read the head from [extract demo:minilm over demo:wiki "
+                                                 "into ~/.cache/qkatlas/bench-run]"),
+    layer: int = typer.Option(2),
+    head: int = typer.Option(3),
+    points: int = typer.Option(200_000, help="points (2 x tokens) of the head to project"),
+) -> None:
+    """Direct umap-learn on every point vs qkatlas's default, on one real head, in one run."""
+    _quiet_transformers()
+    _cache_numba()
+    from workflows.bench import bench_reduce as run_bench
+
+    run_bench(run, layer, head, points)
 
 
 def main() -> None:

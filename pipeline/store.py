@@ -76,7 +76,10 @@ class RunDir:
 
     def write_json(self, obj: dict, *parts: str) -> None:
         """Write atomically: readers see the old file or the new one, never a torn one."""
-        data = json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+        self.write_bytes(json.dumps(obj, indent=1, sort_keys=True, default=str).encode(), *parts)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write atomically (temporary file + rename locally, one PUT on object stores)."""
         target = self.path(*parts)
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
         if self.is_local:

@@ -228,6 +228,12 @@ def bench_reduce(
     run_bench(run, layer, head, points)
 
 
+from workflows import run_cli, serve_cli  # noqa: E402  (commands kept in their own modules)
+
+run_cli.register(app, bench_app)
+serve_cli.register(app, bench_app)
+
+
 def main() -> None:
     app()
 

@@ -66,7 +66,7 @@ class ExtractConfig(_Strict):
 
 
 class UMAPParams(_Strict):
-    n_neighbors: int = Field(15, ge=2)
+    n_neighbors: int = Field(10, ge=2, description="10 keeps more local structure than 15, and is faster")
     min_dist: float = Field(0.1, ge=0)
     init: Literal["pca", "spectral", "random"] = "pca"
     negative_sample_rate: int = Field(5, ge=1)

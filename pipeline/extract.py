@@ -94,20 +94,24 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 # --- forward pass with capture -------------------------------------------------------------
 
 
-def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.dtype,
+               out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run one batch; return queries [layer, head_index, token, d_head] and keys
-    [layer, kv_head_index, token, d_head] of the real (unpadded) tokens, batch-major."""
+    [layer, kv_head_index, token, d_head] of the real (unpadded) tokens, batch-major.
+
+    `out` (views of the writer's chunk buffer) receives them directly, saving a copy."""
     layout = loaded.layout
     n_real = sum(batch.lengths)
-    queries = np.empty((len(layers), layout.n_heads, n_real, layout.d_head), dtype=dtype)
-    keys = np.empty((len(layers), layout.n_kv_heads, n_real, layout.d_head), dtype=dtype)
+    if out is None:
+        out = (np.empty((len(layers), layout.n_heads, n_real, layout.d_head), dtype=dtype),
+               np.empty((len(layers), layout.n_kv_heads, n_real, layout.d_head), dtype=dtype))
+    queries, keys = out
     slot_of_layer = {layer: slot for slot, layer in enumerate(layers)}
     inputs = {name: tensor.to(loaded.device) for name, tensor in batch.inputs.items()}
     if "attention_mask" in inputs:
         real = inputs["attention_mask"].reshape(-1).nonzero().squeeze(1)
     else:
         real = None
-    torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
 
     def sink(module, query, key, _kwargs):
         slot = slot_of_layer.get(loaded.layer_of_module[id(module)])
@@ -118,7 +122,7 @@ def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.d
             flat = states.detach().transpose(0, 1).reshape(states.shape[1], -1, states.shape[-1])
             if real is not None:
                 flat = flat.index_select(1, real)
-            target[slot] = flat.to(torch_dtype).cpu().numpy()
+            torch.from_numpy(target[slot]).copy_(flat)  # one pass: gather, cast, device -> host
 
     with torch.inference_mode(), capturing(sink):
         loaded.model(**inputs)
@@ -259,14 +263,8 @@ def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index:
                       config.compression)
     writer = PartWriter(run, index, spec)
     began = time.perf_counter()
-    truncated = 0
     try:
-        for batch in batches:
-            queries, keys = forward_qk(loaded, batch, layers, dtype)
-            writer.append(queries, keys, token_columns(loaded, batch), sequence_columns(batch))
-            truncated += sum(batch.truncated)
-            if on_batch is not None:
-                on_batch(len(batch.sequences), sum(batch.lengths))
+        truncated = write_batches(loaded, batches, layers, dtype, writer, on_batch)
         counts = writer.close()
     except BaseException:
         writer.abort()
@@ -279,6 +277,22 @@ def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index:
                   seconds=round(time.perf_counter() - began, 3))
     commit_part(run, index, record)
     return record
+
+
+def write_batches(loaded: LoadedModel, batches: Iterable[Batch], layers: list[int], dtype: np.dtype,
+                  writer: PartWriter, on_batch: Callable[[int, int], None] | None = None) -> int:
+    """Forward every batch, its Q/K going straight into the writer's buffer where they fit.
+    Returns how many sequences were truncated."""
+    truncated = 0
+    for batch in batches:
+        reserved = writer.reserve(sum(batch.lengths))
+        queries, keys = forward_qk(loaded, batch, layers, dtype, out=reserved)
+        writer.append(queries, keys, token_columns(loaded, batch), sequence_columns(batch),
+                      reserved=reserved is not None)
+        truncated += sum(batch.truncated)
+        if on_batch is not None:
+            on_batch(len(batch.sequences), sum(batch.lengths))
+    return truncated
 
 
 def _stop_after_row(sequences: Iterator[Sequence], stop: int) -> Iterator[Sequence]:

@@ -166,9 +166,20 @@ class PartWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkatlas-writer")
         self._inflight: Future | None = None
 
-    def append(self, queries: np.ndarray, keys: np.ndarray, tokens: dict, sequences: dict) -> None:
+    def reserve(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Views of the current buffer for the next `n` tokens, to be filled in place and then
+        passed to `append(..., reserved=True)`; None when they do not fit before the chunk ends."""
+        if self._fill + n > self.spec.chunk_tokens:
+            return None
+        buffer = self._buffers[self._current]
+        window = slice(self._fill, self._fill + n)
+        return buffer["q"][:, :, window], buffer["k"][:, :, window]
+
+    def append(self, queries: np.ndarray, keys: np.ndarray, tokens: dict, sequences: dict,
+               reserved: bool = False) -> None:
         """`queries` [layer, head_index, token, d_head], `keys` [layer, kv_head_index, token, d_head];
-        `tokens` / `sequences`: columns of TOKEN_SCHEMA / SEQUENCE_SCHEMA for these tokens."""
+        `tokens` / `sequences`: columns of TOKEN_SCHEMA / SEQUENCE_SCHEMA for these tokens.
+        `reserved`: the vectors are already in the buffer (written through `reserve`)."""
         n = queries.shape[2]
         sequences = dict(sequences, part=[self.name] * len(sequences["seq_id"]),
                          token_start=[self.n_tokens + start for start in sequences["token_start"]])
@@ -176,6 +187,11 @@ class PartWriter:
         self._pending_sequences.append(pa.table(sequences, schema=SEQUENCE_SCHEMA))
         self.n_tokens += n
         self.n_sequences += len(sequences["seq_id"])
+        if reserved:
+            self._fill += n
+            if self._fill == self.spec.chunk_tokens:
+                self._submit()
+            return
         offset = 0
         while offset < n:
             take = min(n - offset, self.spec.chunk_tokens - self._fill)

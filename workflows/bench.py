@@ -43,7 +43,7 @@ def _time_plain(loaded, batches) -> float:
 
 
 def _time_extract(loaded, batches, out: str) -> float:
-    from pipeline.extract import forward_qk, sequence_columns, token_columns
+    from pipeline.extract import write_batches
     from pipeline.store import PartWriter, RunDir, VectorSpec
 
     layout = loaded.layout
@@ -51,9 +51,7 @@ def _time_extract(loaded, batches, out: str) -> float:
     spec = VectorSpec(len(layers), layout.n_heads, layout.n_kv_heads, layout.d_head)
     began = time.perf_counter()
     writer = PartWriter(RunDir(out), 0, spec)
-    for batch in batches:
-        queries, keys = forward_qk(loaded, batch, layers, np.dtype(spec.dtype))
-        writer.append(queries, keys, token_columns(loaded, batch), sequence_columns(batch))
+    write_batches(loaded, batches, layers, np.dtype(spec.dtype), writer)
     writer.close()
     return time.perf_counter() - began
 

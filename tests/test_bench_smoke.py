@@ -1,0 +1,38 @@
+"""The benchmarks run end to end on tiny inputs (their figures are only meaningful at scale)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from pipeline.config import ExtractConfig
+from pipeline.extract import extract
+from workflows.cli import app
+
+runner = CliRunner()
+
+
+def last_json(output: str) -> dict:
+    return json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
+
+
+def test_bench_extract_reports_both_rates_and_their_ratio(tiny_models, text_file):
+    result = runner.invoke(app, ["bench", "extract", "--model", tiny_models["bert"], "--data", text_file,
+                                 "--sequences", "7", "--batch-size", "4", "--no-memory"])
+    assert result.exit_code == 0, result.output
+    figures = last_json(result.output)
+    assert figures["tokens"] > 0 and figures["plain_tokens_per_s"] > 0 and figures["extract_tokens_per_s"] > 0
+    assert abs(figures["throughput_ratio"] - figures["extract_tokens_per_s"] / figures["plain_tokens_per_s"]) < 0.01
+
+
+def test_bench_reduce_compares_direct_umap_with_the_default(tiny_models, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(f"sentence number {i} is about queries and keys and heads" for i in range(150)))
+    out = str(tmp_path / "run")
+    extract(ExtractConfig(model=tiny_models["bert"], data=str(data), out=out))
+    result = runner.invoke(app, ["bench", "reduce", "--run", out, "--layer", "1", "--head", "0", "--points", "1000"])
+    assert result.exit_code == 0, result.output
+    figures = last_json(result.output)
+    assert figures["points"] == 1000 and len(figures["rows"]) == 2
+    assert all(0 <= row["knn_preservation"] <= 1 for row in figures["rows"])

@@ -6,11 +6,12 @@ value fails with a message naming it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -70,6 +71,7 @@ class UMAPParams(_Strict):
     min_dist: float = Field(0.1, ge=0)
     init: Literal["pca", "spectral", "random"] = "pca"
     negative_sample_rate: int = Field(5, ge=1)
+    n_epochs: int | None = Field(None, ge=10, description="default: umap-learn's (500 below 10k points, else 200)")
 
 
 class TSNEParams(_Strict):
@@ -102,11 +104,125 @@ class ReduceConfig(_Strict):
         return ExtractConfig._parse_layers(value)
 
 
+# --- where `qkatlas run` runs (workflows/cluster.py builds the cluster; pipeline/ never does) ---
+
+_SCHEDULER_ADDRESS = re.compile(r"^(tcp|tls|ucx|ws|wss)://[^\s:/]+:\d{1,5}$")
+
+
+class LocalClusterConfig(_Strict):
+    """dask.distributed LocalCluster on this machine. Defaults fit the machine without
+    oversubscribing it: workers x threads_per_worker <= cores, each worker pinned to its cores."""
+
+    kind: Literal["local"] = "local"
+    n_workers: int | None = Field(None, gt=0, description="worker processes; default: one per core, at most 8")
+    threads_per_worker: int | None = Field(None, gt=0, description="cores each worker uses (torch / numba "
+                                                                   "threads); default: cores // n_workers")
+    memory_limit: str = Field("auto", description="per worker, e.g. '4GB'; 'auto' splits the machine's memory")
+    pin_cores: bool = Field(True, description="give each worker its own cores (CPU affinity)")
+    dashboard_address: str = Field(":8787", description="where the Dask dashboard listens (':0' = any port)")
+
+
+class CudaClusterConfig(_Strict):
+    """dask-cuda's LocalCUDACluster: one worker per GPU (`pip install dask-cuda`)."""
+
+    kind: Literal["cuda"]
+    devices: list[int] | None = Field(None, description="GPU indices (CUDA_VISIBLE_DEVICES); default: all")
+    threads_per_worker: int = Field(1, gt=0)
+    memory_limit: str = "auto"
+    dashboard_address: str = ":8787"
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _parse_devices(cls, value):
+        return ExtractConfig._parse_layers(value)
+
+
+class SchedulerClusterConfig(_Strict):
+    """An existing Dask scheduler, e.g. started with `dask scheduler` + `dask worker`."""
+
+    kind: Literal["scheduler"] = "scheduler"
+    address: str = Field(description="tcp://HOST:PORT of the scheduler")
+    timeout: float = Field(30.0, gt=0, description="seconds to wait for the scheduler and a first worker")
+
+    @field_validator("address")
+    @classmethod
+    def _address_valid(cls, value):
+        if not _SCHEDULER_ADDRESS.match(value):
+            raise ValueError(f"address must look like tcp://HOST:PORT (or tls://, ucx://), got {value!r}")
+        return value
+
+
+class JobQueueClusterConfig(_Strict):
+    """dask-jobqueue's SLURMCluster / PBSCluster: each batch job runs `processes` workers
+    sharing `cores` cores and `memory` (`pip install dask-jobqueue`)."""
+
+    kind: Literal["slurm", "pbs"]
+    jobs: int = Field(1, gt=0, description="batch jobs to submit (cluster.scale(jobs=...))")
+    cores: int = Field(gt=0, description="cores per job")
+    memory: str = Field(description="memory per job, e.g. '32GB'")
+    processes: int = Field(1, gt=0, description="worker processes per job; threads = cores / processes")
+    queue: str | None = Field(None, description="partition (SLURM -p) or queue (PBS -q)")
+    account: str | None = Field(None, description="accounting string (-A)")
+    walltime: str = Field("01:00:00", description="per job, HH:MM:SS")
+    job_extra_directives: list[str] = Field(default_factory=list, description="extra #SBATCH / #PBS lines, "
+                                                                                "e.g. ['--gres=gpu:1']")
+    job_script_prologue: list[str] = Field(default_factory=list, description="shell lines run before the worker, "
+                                                                               "e.g. ['source .venv/bin/activate']")
+    local_directory: str | None = Field(None, description="worker scratch directory on the compute nodes")
+    log_directory: str | None = None
+    interface: str | None = Field(None, description="network interface of the workers, e.g. 'ib0'")
+    timeout: float = Field(600.0, gt=0, description="seconds to wait for the first worker to start")
+    dashboard_address: str = ":8787"
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime_valid(cls, value):
+        if not re.match(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$", value):
+            raise ValueError(f"walltime must look like HH:MM:SS (or D-HH:MM:SS), got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _cores_split(self):
+        if self.cores % self.processes:
+            raise ValueError(f"cores ({self.cores}) must be a multiple of processes ({self.processes})")
+        return self
+
+
+ClusterConfig = Annotated[Union[LocalClusterConfig, CudaClusterConfig, SchedulerClusterConfig,
+                                JobQueueClusterConfig], Field(discriminator="kind")]
+CLUSTER_KINDS = ("local", "cuda", "scheduler", "slurm", "pbs")
+
+
+class WorkflowConfig(_Strict):
+    """How `qkatlas run` splits the work into Dask tasks."""
+
+    shards: int | None = Field(None, gt=0, description="extraction shards (source row ranges, one part each); "
+                                                      "default: 2 per worker. Fixed in the run at its first start")
+    thumbnails: bool = Field(True, description="render per-head thumbnails for the dashboard's matrix view")
+    thumbnail_size: int = Field(160, ge=16, le=1024)
+
+
 class RunConfig(_Strict):
     """A whole run file (`configs/*.yaml`)."""
 
     extract: ExtractConfig
     reduce: ReduceConfig = Field(default_factory=ReduceConfig)
+    cluster: ClusterConfig = Field(default_factory=LocalClusterConfig)
+    workflow: WorkflowConfig = Field(default_factory=WorkflowConfig)
+
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _cluster_shorthand(cls, value):
+        """`cluster: local` means {kind: local}; a mapping with `address` and no `kind` is a scheduler."""
+        if value is None:
+            return {"kind": "local"}
+        if isinstance(value, str):
+            if value not in CLUSTER_KINDS:
+                raise ValueError(f"cluster must be one of {', '.join(CLUSTER_KINDS)} or a mapping, got {value!r}")
+            return {"kind": value}
+        if isinstance(value, dict) and "kind" not in value:
+            return dict(value, kind="scheduler" if "address" in value else "local")
+        return value
 
 
 def _describe(error: ValidationError, source: str) -> str:

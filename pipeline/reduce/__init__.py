@@ -5,7 +5,7 @@ set of functions on plain arrays:
 
     available() -> str | None            why it cannot run here, or None
     pca(points, dim, seed)               -> coords [n, dim]
-    umap(points, dim, params, seed, init=None, knn=None) -> coords
+    umap(points, dim, params, seed, init=None, neighbours=None) -> coords
     tsne(points, dim, params, seed)      -> coords        (raises Unsupported for a combination)
     knn(reference, queries, k)           -> (distances [m, k], indices [m, k])
 

@@ -26,21 +26,22 @@ def pca(points: np.ndarray, dim: int, seed: int) -> np.ndarray:
 
 
 def umap(points: np.ndarray, dim: int, params: dict, seed: int | None, init: np.ndarray | None = None,
-         knn: tuple[np.ndarray, np.ndarray] | None = None, n_epochs: int | None = None) -> np.ndarray:
-    """`knn` (distances, indices) [n, k] skips umap-learn's own neighbour search; `init`
-    starts the optimization from a given layout (used to refine an interpolated one)."""
+         neighbours: tuple[np.ndarray, np.ndarray] | None = None, n_epochs: int | None = None) -> np.ndarray:
+    """`neighbours` (distances, indices) [n, k]: the kNN graph, computed here with faiss when
+    not given (umap-learn's own search is NN-descent, or below 4,096 points a pairwise matrix
+    through a Python callable: both far slower); `init` starts the optimization from a given
+    layout (used to refine an interpolated one)."""
     import warnings
 
     import umap as umap_learn
 
     options = dict(n_components=dim, n_neighbors=params["n_neighbors"], min_dist=params["min_dist"],
-                   metric="euclidean", init=init if init is not None else params["init"], n_epochs=n_epochs,
+                   metric="euclidean", init=init if init is not None else params["init"],
+                   n_epochs=n_epochs or params.get("n_epochs"),
                    negative_sample_rate=params["negative_sample_rate"], n_jobs=1 if seed is not None else _threads(),
                    random_state=seed, low_memory=True)
-    if knn is not None:
-        distances, indices = knn
-        options["precomputed_knn"] = (indices[:, : params["n_neighbors"]], distances[:, : params["n_neighbors"]],
-                                      None)
+    distances, indices = neighbours if neighbours is not None else knn(points, points, params["n_neighbors"])
+    options["precomputed_knn"] = (indices[:, : params["n_neighbors"]], distances[:, : params["n_neighbors"]], None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*knn_search_index.*")  # we never call transform()
         return umap_learn.UMAP(**options).fit_transform(points).astype(np.float32)

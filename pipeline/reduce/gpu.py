@@ -38,7 +38,7 @@ def pca(points: np.ndarray, dim: int, seed: int) -> np.ndarray:
 
 
 def umap(points: np.ndarray, dim: int, params: dict, seed: int | None, init: np.ndarray | None = None,
-         knn: tuple[np.ndarray, np.ndarray] | None = None, n_epochs: int | None = None) -> np.ndarray:
+         neighbours: tuple[np.ndarray, np.ndarray] | None = None, n_epochs: int | None = None) -> np.ndarray:
     import cupy
     from cuml.manifold import UMAP
 
@@ -46,7 +46,8 @@ def umap(points: np.ndarray, dim: int, params: dict, seed: int | None, init: np.
         raise Unsupported("cuML UMAP takes no initial layout")
     model = UMAP(n_components=dim, n_neighbors=params["n_neighbors"], min_dist=params["min_dist"],
                  metric="euclidean", init="spectral" if params["init"] == "spectral" else "random",
-                 negative_sample_rate=params["negative_sample_rate"], n_epochs=n_epochs, random_state=seed,
+                 negative_sample_rate=params["negative_sample_rate"], n_epochs=n_epochs or params.get("n_epochs"),
+                 random_state=seed,
                  build_algo="auto")
     return _host(model.fit_transform(cupy.asarray(points, dtype=cupy.float32)))
 

@@ -85,7 +85,7 @@ def project_points(points: np.ndarray, method: str, dim: int, config: ReduceConf
         if method == "umap" and config.refine_epochs > 0:
             try:
                 graph = backend.knn(points, points, config.umap.n_neighbors)
-                coords = backend.umap(points, dim, config.umap.model_dump(), config.seed, init=coords, knn=graph,
+                coords = backend.umap(points, dim, config.umap.model_dump(), config.seed, init=coords, neighbours=graph,
                                       n_epochs=config.refine_epochs)
                 record["placement"] += f" + {config.refine_epochs} UMAP epochs over the full kNN graph"
             except Unsupported as why:

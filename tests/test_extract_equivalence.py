@@ -60,20 +60,35 @@ def test_grouped_query_heads_read_their_key_value_head(tiny_models, text_file, t
     assert not np.array_equal(run.queries(0, 0), run.queries(0, 1))
 
 
-def test_vit_attention_matches_eager(tiny_models, image_folder, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_deit(tmp_path_factory):
+    from transformers import DeiTConfig, DeiTModel, ViTImageProcessor
+
+    path = tmp_path_factory.mktemp("deit") / "deit"
+    torch.manual_seed(0)
+    DeiTModel(DeiTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("name,prefix", [("vit", 1), ("deit", 2)])
+def test_vision_attention_matches_eager(tiny_models, tiny_deit, image_folder, tmp_path, name, prefix):
+    """ViT has a CLS token before its 4x4 patches; DeiT a CLS and a distillation token."""
     from transformers import AutoImageProcessor
 
+    path = tiny_deit if name == "deit" else tiny_models[name]
     out = str(tmp_path / "run")
-    extract(ExtractConfig(model=tiny_models["vit"], data=image_folder, out=out, dtype="float32", batch_size=4))
+    extract(ExtractConfig(model=path, data=image_folder, out=out, dtype="float32", batch_size=4))
     run = open_run(out)
-    model = eager_model(tiny_models["vit"])
-    processor = AutoImageProcessor.from_pretrained(tiny_models["vit"])
+    model = eager_model(path)
+    processor = AutoImageProcessor.from_pretrained(path)
     sequences = run.sequences()
     assert len(sequences) == 6 and run.modality == "image"
     tokens = run.tokens()
-    assert (tokens.groupby("seq_id").size() == 17).all()  # CLS + 4x4 patches
-    assert tokens["is_special"].sum() == 6
-    patches = tokens[tokens["pos"] > 0]
+    assert (tokens.groupby("seq_id").size() == 16 + prefix).all()
+    assert tokens["is_special"].sum() == 6 * prefix
+    patches = tokens[tokens["pos"] >= prefix]
     assert patches["patch_row"].between(0, 3).all() and patches["patch_col"].between(0, 3).all()
     worst = 0.0
     for _, row in sequences.iterrows():

@@ -1,0 +1,111 @@
+"""Server-side rasterization of one head: one datashader `count_cat` pass per view range.
+
+The view calls `HeadRaster.element(...)` on every zoom or pan; `qkatlas bench serve` times that
+call against plain datashader (`Canvas.points` + `shade`) on the same data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from viz.data import SEARCH_COLOUR, Colouring
+
+
+def point_frame(coords: np.ndarray, colouring: Colouring) -> pd.DataFrame:
+    """x, y and the colour category of every point; no copy of the coordinates where possible."""
+    categories = pd.Categorical.from_codes(colouring.codes.astype(np.int16), categories=colouring.labels,
+                                           validate=False)
+    return pd.DataFrame({"x": np.ascontiguousarray(coords[:, 0]), "y": np.ascontiguousarray(coords[:, 1]),
+                         "c": categories}, copy=False)
+
+
+def full_range(coords: np.ndarray, pad: float = 0.03) -> tuple[tuple[float, float], tuple[float, float]]:
+    if len(coords) == 0:
+        return (0.0, 1.0), (0.0, 1.0)
+    lo, hi = coords[:, :2].min(axis=0).astype(float), coords[:, :2].max(axis=0).astype(float)
+    span = np.maximum(hi - lo, 1e-6) * pad
+    return (lo[0] - span[0], hi[0] + span[0]), (lo[1] - span[1], hi[1] + span[1])
+
+
+def to_rgba(image) -> np.ndarray:
+    """A datashader image (packed uint32, row 0 = lowest y) as [height, width, 4] uint8, top row first."""
+    packed = np.ascontiguousarray(np.asarray(image.data, dtype=np.uint32))
+    return np.flipud(packed.view(np.uint8).reshape(packed.shape + (4,)))
+
+
+class HeadRaster:
+    """One head's points in one colour mode, ready to be rasterized at any range."""
+
+    def __init__(self, coords: np.ndarray, colouring: Colouring, highlight: np.ndarray | None = None):
+        self.coords = coords
+        self.colouring = colouring
+        self.frame = point_frame(coords, colouring)
+        self.x_full, self.y_full = full_range(coords)
+        self.highlight = None
+        if highlight is not None and len(highlight):
+            self.highlight = pd.DataFrame({"x": coords[highlight, 0], "y": coords[highlight, 1]})
+        self._index_key, self._index = None, None
+        self._index_frame = None
+
+    def _canvas(self, x_range, y_range, width, height):
+        import datashader as ds
+
+        return ds.Canvas(plot_width=int(width), plot_height=int(height), x_range=tuple(x_range or self.x_full),
+                         y_range=tuple(y_range or self.y_full))
+
+    def shade(self, x_range=None, y_range=None, width: int = 700, height: int = 600):
+        """The shaded datashader image of every point in the range (+ search matches on top)."""
+        import datashader as ds
+        import datashader.transfer_functions as tf
+
+        canvas = self._canvas(x_range, y_range, width, height)
+        counts = canvas.points(self.frame, "x", "y", agg=ds.count_cat("c"))
+        image = tf.dynspread(tf.shade(counts, color_key=self.colouring.colour_key, how="eq_hist", min_alpha=80),
+                             threshold=0.8, max_px=4)
+        if self.highlight is not None:
+            matches = canvas.points(self.highlight, "x", "y", agg=ds.count())
+            image = tf.stack(image, tf.spread(tf.shade(matches, cmap=[SEARCH_COLOUR, SEARCH_COLOUR], min_alpha=255),
+                                              px=2))
+        return image
+
+    def element(self, x_range=None, y_range=None, width: int = 700, height: int = 600):
+        """The hv.RGB the single-head view shows for this range."""
+        import holoviews as hv
+
+        x_range, y_range = tuple(x_range or self.x_full), tuple(y_range or self.y_full)
+        rgba = to_rgba(self.shade(x_range, y_range, width, height))
+        return hv.RGB(rgba, bounds=(x_range[0], y_range[0], x_range[1], y_range[1]), kdims=["x", "y"])
+
+    def index_raster(self, x_range, y_range, width: int, height: int) -> np.ndarray:
+        """[height, width] int64, top row first: one point drawn in each pixel (the highest
+        index, so keys win over queries), -1 where empty. Cached for the last range."""
+        import datashader as ds
+
+        key = (tuple(x_range or self.x_full), tuple(y_range or self.y_full), int(width), int(height))
+        if key != self._index_key:
+            if self._index_frame is None:
+                self._index_frame = pd.DataFrame({"x": self.frame["x"], "y": self.frame["y"],
+                                                  "i": np.arange(len(self.frame), dtype=np.float64)})
+            agg = self._canvas(*key).points(self._index_frame, "x", "y", agg=ds.max("i"))
+            values = np.nan_to_num(np.asarray(agg.data, dtype=np.float64), nan=-1).astype(np.int64)
+            self._index_key, self._index = key, np.flipud(values)
+        return self._index
+
+    def pixel_of(self, x: float, y: float, x_range, y_range, width: int, height: int) -> tuple[int, int]:
+        """(column, row) of data point (x, y) in the index raster of that range."""
+        x_range, y_range = tuple(x_range or self.x_full), tuple(y_range or self.y_full)
+        col = int((x - x_range[0]) / max(x_range[1] - x_range[0], 1e-12) * width)
+        row = int((y_range[1] - y) / max(y_range[1] - y_range[0], 1e-12) * height)
+        return col, row
+
+
+def shade_thumbnail(coords: np.ndarray, colouring: Colouring, size: int) -> np.ndarray:
+    """A square [size, size, 4] uint8 thumbnail of a head in a colour mode, white background."""
+    import datashader as ds
+    import datashader.transfer_functions as tf
+
+    x_range, y_range = full_range(coords)
+    canvas = ds.Canvas(plot_width=size, plot_height=size, x_range=x_range, y_range=y_range)
+    counts = canvas.points(point_frame(coords, colouring), "x", "y", agg=ds.count_cat("c"))
+    image = tf.set_background(tf.shade(counts, color_key=colouring.colour_key, how="eq_hist", min_alpha=60), "white")
+    return to_rgba(image)

@@ -19,14 +19,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# extract, project every head and render thumbnails through the Dask workflow, then serve
 demo: $(STAMP)
-	$(BIN)/qkatlas extract --config configs/demo.yaml
+	$(BIN)/qkatlas run configs/demo.yaml
+	$(BIN)/qkatlas serve runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/qkatlas bench extract
+	$(BIN)/qkatlas bench reduce
+	$(BIN)/qkatlas bench scale
+	$(BIN)/qkatlas bench serve
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -272,7 +272,8 @@ def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index:
     layout = loaded.layout
     sequences: Iterator[Sequence] = open_source(config.data, config.text_column, skipped)
     start, stop = rows
-    sequences = (item for item in sequences if item.row >= start and (stop is None or item.row < stop))
+    earlier: Counter = Counter()  # rows skipped before `start` belong to earlier parts
+    sequences = _from_row(sequences, start, skipped, earlier)
     if stop is not None:
         sequences = _stop_after_row(sequences, stop)
     if config.limit is not None:
@@ -296,7 +297,7 @@ def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index:
         writer.abort()
         raise ExtractError(f"no usable sequences in {config.data} rows {start}..{stop if stop is not None else 'end'}"
                            f" (skipped: {dict(skipped) or 'none'})")
-    record = dict(counts, rows=[start, stop], skipped=dict(skipped), truncated=truncated,
+    record = dict(counts, rows=[start, stop], skipped=dict(skipped - earlier), truncated=truncated,
                   seconds=round(time.perf_counter() - began, 3))
     commit_part(run, index, record)
     return record
@@ -318,6 +319,19 @@ def write_batches(loaded: LoadedModel, batches: Iterable[Batch], layers: list[in
     return truncated
 
 
+def _from_row(sequences: Iterator[Sequence], start: int, skipped: Counter, earlier: Counter) -> Iterator[Sequence]:
+    """The sequences from row `start` on; `earlier` receives the skip counts of the rows before
+    it (exact when `start` is 0 or the row of a kept sequence, as the workflow's shards are)."""
+    seen = False
+    for item in sequences:
+        if item.row < start:
+            continue
+        if not seen and start > 0:
+            earlier.update(skipped)
+        seen = True
+        yield item
+
+
 def _stop_after_row(sequences: Iterator[Sequence], stop: int) -> Iterator[Sequence]:
     for item in sequences:
         if item.row >= stop:
@@ -331,6 +345,10 @@ def extract(config: ExtractConfig, overwrite: bool = False, progress: Callable |
     configure_threads(config)
     loaded = loaded or load_model(config.model, config.device, config.max_length)
     run = prepare_run(config, loaded, overwrite)
+    planned = run.read_json("manifest.json").get("extract", {}).get("parts", 1)
+    if planned != 1:
+        raise ExtractError(f"{config.out} is being extracted in {planned} shards by `qkatlas run`; rerun that "
+                           "command to finish it")
     done = committed_parts(run)
     began = time.perf_counter()
     if part_name(0) in done:

@@ -1,0 +1,417 @@
+"""The `qkatlas run` workflow: one Dask graph of plain functions over `pipeline/`.
+
+    prepare ─► extract shard 0 ─┐
+            ├► extract shard 1 ─┼► finish ─► project (method, dim, layer, head) ─► thumbnail
+            └► ...              ┘           └► ...                                 └► ...
+
+Every task reads and writes the run directory (a path or an fsspec URL) and commits its work
+there only after its data is written (a part marker, a projection marker, a PNG written in one
+piece), so a rerun submits only what is not committed yet. The tasks know nothing of the cluster:
+they run the same on a LocalCluster, dask-cuda workers, batch-queue workers or a remote scheduler.
+
+Worker-side state: each worker process keeps the last model it loaded (`cached_model`), so
+a worker loads it once however many shards it extracts, and runs one heavy task (a forward
+pass or a projection) at a time on the cores it was given (`worker_cores`).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pipeline.config import ExtractConfig, ReduceConfig, RunConfig
+from pipeline.store import RunDir
+
+HOLD_ENV = "QKATLAS_HOLD_AT"  # test hook, see `_hold`
+HOLD_MARKER_ENV = "QKATLAS_HOLD_MARKER"
+
+# --- per-process state on a worker ----------------------------------------------------------
+
+_models: dict[tuple, object] = {}
+_runs: dict[str, tuple[str, object]] = {}
+_state = threading.Lock()
+_heavy = threading.Lock()  # one forward pass or projection at a time per worker process
+
+
+def worker_cores() -> int:
+    """Cores this process may use: the Dask worker's thread count inside a worker (a
+    LocalCluster sizes it so that workers x threads <= cores), else this process's CPU set."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return len(os.sched_getaffinity(0))
+
+
+def cached_model(config: ExtractConfig):
+    """The model of `config`, loaded once per process and kept (only the latest one)."""
+    from pipeline.models import load_model
+
+    key = (config.model, config.device, config.max_length)
+    with _state:
+        if key not in _models:
+            _quiet_transformers()
+            _models.clear()  # a new model replaces the old one: memory holds one model per worker
+            _models[key] = load_model(config.model, config.device, config.max_length)
+        return _models[key]
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cached_run(url: str):
+    """The run at `url`, opened once per process (reopened when the run was recreated or grew)."""
+    from pipeline.store import open_run
+
+    directory = RunDir(url)
+    manifest = directory.read_json("manifest.json")
+    stamp = f"{manifest.get('created')}|{manifest.get('extract')}"
+    with _state:
+        cached = _runs.get(url)
+        if cached is None or cached[0] != stamp:
+            _runs[url] = (stamp, open_run(url))
+        return _runs[url][1]
+
+
+def _configure_threads(config: ExtractConfig | None = None) -> int:
+    import torch
+
+    from pipeline.extract import bound_heap_growth
+
+    threads = (config.threads if config is not None and config.threads else None) or worker_cores()
+    torch.set_num_threads(threads)
+    bound_heap_growth()
+    return threads
+
+
+def _hold(point: str) -> None:
+    """Test hook: with QKATLAS_HOLD_AT=point in the environment, the task that reaches `point`
+    touches the file named by QKATLAS_HOLD_MARKER and then blocks, so that a test can SIGKILL
+    the run at a known place. Does nothing otherwise."""
+    if os.environ.get(HOLD_ENV) != point:
+        return
+    marker = os.environ.get(HOLD_MARKER_ENV)
+    if marker:
+        with open(marker, "w") as handle:
+            handle.write(f"{os.getpid()} {point}\n")
+    while True:
+        time.sleep(60)
+
+
+# --- the tasks ------------------------------------------------------------------------------
+
+
+def create_groups(url: str, folders: list[str] = ()) -> None:
+    """Create the Zarr groups that parallel tasks write into (vectors.zarr, and projections.zarr
+    with one subgroup per method and dim) before they start: tasks that each create a missing
+    group race, and the loser fails with zarr's ContainsGroupError."""
+    import zarr
+
+    run = RunDir(url)
+    zarr.open_group(run.url_of("vectors.zarr"), mode="a")
+    if folders:
+        group = zarr.open_group(run.url_of("projections.zarr"), mode="a")
+        for folder in folders:
+            group.require_group(folder)
+
+
+def plan_shards(config: ExtractConfig, shards: int) -> list[list[int]]:
+    """Split the source rows that extraction uses into `shards` ranges [start, stop) holding
+    about the same number of sequences; every range but the first starts at a kept row."""
+    from pipeline.extract import ExtractError
+    from pipeline.sources import open_source
+
+    rows = array.array("q")
+    for item in open_source(config.data, config.text_column, Counter()):
+        rows.append(item.row)
+        if config.limit is not None and len(rows) >= config.limit:
+            break
+    if not rows:
+        raise ExtractError(f"no usable sequences in {config.data}")
+    shards = max(1, min(shards, len(rows)))
+    bounds = [0] + [rows[(index * len(rows)) // shards] for index in range(1, shards)] + [rows[-1] + 1]
+    return [[bounds[index], bounds[index + 1]] for index in range(shards)]
+
+
+def prepare(config: ExtractConfig, shards: int) -> dict:
+    """Create the run (or check an existing one) and fix its shard plan in the manifest; the
+    plan never changes afterwards, so a rerun on another cluster writes the same parts."""
+    from pipeline.extract import prepare_run
+    from pipeline.store import committed_parts
+
+    with _heavy:
+        _configure_threads(config)
+        run = prepare_run(config, cached_model(config))
+    create_groups(config.out)
+    manifest = run.read_json("manifest.json")
+    if "shards" not in manifest.get("extract", {}):
+        if manifest.get("extract") or committed_parts(run):  # started by `qkatlas extract`: one part
+            plan = {"parts": 1, "shards": [[0, None]], "complete": bool(manifest.get("extract", {}).get("complete"))}
+        else:
+            ranges = plan_shards(config, shards)
+            plan = {"parts": len(ranges), "shards": ranges, "complete": False}
+        manifest["extract"] = plan
+        run.write_json(manifest, "manifest.json")
+    return manifest
+
+
+def extract_shard(config: ExtractConfig, index: int, rows: list) -> dict:
+    """Extract source rows [start, stop) into part `index` and commit it (skipped if committed)."""
+    from pipeline.extract import extract_part
+    from pipeline.store import committed_parts, part_name
+
+    run = RunDir(config.out)
+    if run.exists("parts", f"{part_name(index)}.json"):
+        return dict(committed_parts(run)[part_name(index)], skipped_task=True)
+    start, stop = rows
+    shard_config = config if stop is None else config.model_copy(update={"limit": None})  # rows hold the limit
+    batches = 0
+
+    def on_batch(_sequences: int, _tokens: int) -> None:
+        nonlocal batches
+        batches += 1
+        if batches == 1:
+            _hold(f"extract-shard-{index}")
+
+    with _heavy:
+        threads = _configure_threads(config)
+        loaded = cached_model(config)
+        began = time.perf_counter()
+        record = extract_part(loaded, shard_config, run, index, rows=(start, stop), on_batch=on_batch)
+    return dict(record, threads=threads, task_seconds=round(time.perf_counter() - began, 3), pid=os.getpid())
+
+
+def finish_extraction(url: str, parts: int, *records: dict) -> dict:
+    """All shards are committed: mark the extraction complete, so the run opens for reading."""
+    from pipeline.store import committed_parts
+
+    run = RunDir(url)
+    committed = committed_parts(run)
+    if len(committed) < parts:
+        raise RuntimeError(f"{url}: only {len(committed)} of {parts} parts are committed")
+    manifest = run.read_json("manifest.json")
+    manifest["extract"] = dict(manifest.get("extract", {}), parts=parts, complete=True)
+    run.write_json(manifest, "manifest.json")
+    return {"parts": parts, "n_tokens": sum(record["n_tokens"] for record in committed.values())}
+
+
+def project_head(url: str, config: ReduceConfig, method: str, dim: int, layer: int, head: int,
+                 *_after) -> dict:
+    """One head's joint projection, written and then committed (skipped if committed)."""
+    from pipeline.reduce import pick_backend
+    from pipeline.reduce.project import reduce_head
+    from pipeline.store import projection_name
+
+    folder, name = projection_name(method, dim, layer, head)
+    run = cached_run(url)
+    if run.dir.exists("projections", folder, f"{name}.json"):
+        return {"skipped_task": True}
+    with _heavy:
+        _hold(f"project-{folder}-{name}")
+        _configure_threads()
+        record = reduce_head(run, method, dim, layer, head, config, pick_backend(config.backend))
+    return {"seconds": record["seconds"], "backend": record["backend"], "n_points": record["n_points"],
+            "pid": os.getpid()}
+
+
+def thumbnail(url: str, method: str, dim: int, layer: int, head: int, size: int, *_after) -> str:
+    """The matrix view's thumbnail of one projected head (skipped if it exists)."""
+    from pipeline.render import render_thumbnail, thumbnail_name
+
+    run = cached_run(url)
+    parts = thumbnail_name(method, dim, layer, head)
+    if run.dir.exists(*parts):
+        return "/".join(parts)
+    return render_thumbnail(run, method, dim, layer, head, size=size)
+
+
+def warm_worker(config: ExtractConfig, umap: bool = True) -> float:
+    """Load the model into this worker's cache and compile umap-learn's numba code (benchmarks
+    time the stages without these one-off costs). Returns the seconds it took."""
+    import numpy as np
+
+    began = time.perf_counter()
+    with _heavy:
+        _configure_threads(config)
+        cached_model(config)
+        if umap:
+            from pipeline.reduce import cpu
+
+            cpu.umap(np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32), 2,
+                     ReduceConfig().umap.model_dump(), 0)
+    return time.perf_counter() - began
+
+
+# --- what is left to do (read on the client, without a cluster) -----------------------------
+
+
+@dataclass
+class Todo:
+    """The work a run still needs; empty lists mean that stage is complete."""
+
+    url: str
+    manifest: dict | None
+    shards: list[tuple[int, list]] = field(default_factory=list)  # (index, rows) not committed
+    parts: int = 0
+    extraction_complete: bool = False
+    heads: list[tuple[str, int, int, int]] = field(default_factory=list)  # every (method, dim, layer, head)
+    projections: list[tuple[str, int, int, int]] = field(default_factory=list)  # not committed
+    thumbnails: list[tuple[str, int, int, int]] = field(default_factory=list)  # not rendered
+
+    @property
+    def prepared(self) -> bool:
+        return self.manifest is not None and "shards" in self.manifest.get("extract", {})
+
+    @property
+    def done(self) -> bool:
+        return self.prepared and self.extraction_complete and not self.projections and not self.thumbnails
+
+
+def heads_of(manifest: dict, config: ReduceConfig) -> list[tuple[str, int, int, int]]:
+    """Every (method, dim, layer, head) the reduce section asks for, checked against the run."""
+    layers, n_heads = manifest["layers"], manifest["attention"]["n_heads"]
+    chosen_layers = config.layers if config.layers is not None else layers
+    chosen_heads = config.heads if config.heads is not None else list(range(n_heads))
+    bad_layers = [layer for layer in chosen_layers if layer not in layers]
+    if bad_layers:
+        raise ValueError(f"reduce.layers {bad_layers} are not stored in the run (stored: {layers})")
+    bad_heads = [head for head in chosen_heads if not 0 <= head < n_heads]
+    if bad_heads:
+        raise ValueError(f"reduce.heads {bad_heads} out of range: the model has {n_heads} query heads")
+    return [(method, dim, layer, head) for method in config.methods for dim in config.dims
+            for layer in chosen_layers for head in chosen_heads]
+
+
+def pending(config: RunConfig) -> Todo:
+    """Read the run directory and list what is not committed yet."""
+    from pipeline.extract import ExtractError
+    from pipeline.render import thumbnail_name
+    from pipeline.store import committed_parts, committed_projections, part_name
+
+    url = config.extract.out
+    run = RunDir(url)
+    if not run.exists("manifest.json"):
+        return Todo(url, None)
+    manifest = run.read_json("manifest.json")
+    if manifest.get("config") != config.extract.model_dump():
+        raise ExtractError(f"{url} holds a run made with other extract settings; use another extract.out")
+    todo = Todo(url, manifest)
+    plan = manifest.get("extract", {})
+    if "shards" not in plan:
+        return todo
+    committed = committed_parts(run)
+    todo.parts = plan["parts"]
+    todo.shards = [(index, rows) for index, rows in enumerate(plan["shards"]) if part_name(index) not in committed]
+    todo.extraction_complete = bool(plan.get("complete")) and not todo.shards
+    todo.heads = heads_of(manifest, config.reduce)
+    projected = committed_projections(run)
+    todo.projections = [task for task in todo.heads if task not in projected]
+    if config.workflow.thumbnails:
+        rendered = set()
+        if run.exists("thumbnails"):
+            rendered = {path.rstrip("/").split("/")[-2] + "/" + path.rstrip("/").split("/")[-1]
+                        for path in run.fs.find(run.path("thumbnails"))}
+        todo.thumbnails = [task for task in todo.heads
+                           if "/".join(thumbnail_name(*task)[1:]) not in rendered]
+    return todo
+
+
+# --- building and running the graph (client side) -------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What a run did: per stage, tasks run and tasks found already committed; errors."""
+
+    counts: dict = field(default_factory=lambda: Counter())
+    records: dict = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    stage_seconds: dict = field(default_factory=dict)
+
+
+def _key(stage: str, token: str, *parts) -> str:
+    return "-".join([f"qkatlas_{stage}", *map(str, parts), token])
+
+
+def submit_graph(client, config: RunConfig, todo: Todo) -> dict[str, list]:
+    """Submit every shard, projection and thumbnail of a prepared run that is not committed,
+    with the finishing task between them; returns {stage: [(label, future)]}."""
+    token = uuid.uuid4().hex[:8]
+    url = config.extract.out
+    create_groups(url, sorted({f"{method}{dim}d" for method, dim, _, _ in todo.projections}))
+    stages: dict[str, list] = {"extract": [], "finish": [], "project": [], "thumbnail": []}
+    for index, rows in todo.shards:
+        future = client.submit(extract_shard, config.extract, index, rows, key=_key("extract", token, index),
+                               pure=False)
+        stages["extract"].append((f"shard {index}", future))
+    after = []
+    if not todo.extraction_complete:
+        finish = client.submit(finish_extraction, url, todo.parts, *(f for _, f in stages["extract"]),
+                               key=_key("finish", token), pure=False)
+        stages["finish"].append(("finish", finish))
+        after = [finish]
+    projections = {}
+    for task in todo.projections:
+        projections[task] = client.submit(project_head, url, config.reduce, *task, *after,
+                                          key=_key("project", token, *task), pure=False)
+        stages["project"].append((_label(task), projections[task]))
+    if config.workflow.thumbnails:
+        for task in todo.heads:
+            if task in projections or task in todo.thumbnails:
+                depends = [projections[task]] if task in projections else after
+                future = client.submit(thumbnail, url, *task, config.workflow.thumbnail_size, *depends,
+                                       key=_key("thumbnail", token, *task), pure=False)
+                stages["thumbnail"].append((_label(task), future))
+    return stages
+
+
+def _label(task: tuple[str, int, int, int]) -> str:
+    method, dim, layer, head = task
+    return f"L{layer}H{head} {method} {dim}-D"
+
+
+def run_graph(client, stages: dict, on_done: Callable[[str, str, object], None] | None = None) -> Outcome:
+    """Wait for every future, in completion order; a failed task is reported, the others go on
+    (work that does not depend on it still commits, and a rerun redoes only what failed)."""
+    from distributed import as_completed
+
+    outcome = Outcome()
+    stage_of = {future.key: (stage, label) for stage, items in stages.items() for label, future in items}
+    futures = [future for items in stages.values() for _, future in items]
+    began = time.perf_counter()
+    first_error: dict[str, str] = {}
+    for future in as_completed(futures):
+        stage, label = stage_of[future.key]
+        if future.status == "error":
+            error = future.exception()
+            message = f"{stage} {label}: {type(error).__name__}: {error}"
+            root = f"{type(error).__name__}: {error}"
+            if root not in first_error:  # dependents fail with the same error; report it once
+                first_error[root] = message
+                outcome.errors.append(message)
+            outcome.counts[f"{stage}_failed"] += 1
+            result = None
+        elif future.status == "cancelled":
+            outcome.counts[f"{stage}_cancelled"] += 1
+            result = None
+        else:
+            result = future.result()
+            skipped = isinstance(result, dict) and result.get("skipped_task")
+            outcome.counts[f"{stage}_{'skipped' if skipped else 'done'}"] += 1
+            outcome.records.setdefault(stage, []).append(result)
+        outcome.stage_seconds[stage] = round(time.perf_counter() - began, 3)
+        if on_done is not None:
+            on_done(stage, label, result)
+    return outcome

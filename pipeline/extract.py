@@ -243,24 +243,17 @@ def configure_threads(config: ExtractConfig) -> None:
 
 
 def bound_heap_growth() -> None:
-    """Keep glibc from fragmenting the heap with the per-batch tensors of varying shapes.
-
-    By default glibc raises its mmap threshold after large frees, so later batch-sized blocks
-    come from the heap and fragment it: peak RSS then grew about 20% from 50k to 500k tokens.
-    A fixed threshold (large blocks always mmap'd, returned on free) and two arenas keep it
-    flat (`qkatlas bench extract`). Same as MALLOC_MMAP_THRESHOLD_=131072 MALLOC_ARENA_MAX=2."""
+    """Two malloc arenas instead of one per thread (glibc), so that `store.trim_heap` can
+    return what the writer threads freed; together they keep peak RSS flat."""
     import ctypes
     import ctypes.util
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        m_mmap_threshold, m_arena_max = -3, -8
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-        libc.mallopt(m_arena_max, 2)
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        pass
+    if sys.platform.startswith("linux"):
+        try:
+            m_arena_max = -8
+            ctypes.CDLL(ctypes.util.find_library("c")).mallopt(m_arena_max, 2)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index: int = 0,

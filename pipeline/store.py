@@ -125,6 +125,23 @@ COMPRESSORS = {
 }
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`), once per chunk.
+
+    Per-batch tensors of varying shapes fragment glibc's heap: without this, peak RSS grew
+    ~20% from 50k to 500k tokens. A fixed mmap threshold also kept it flat but cost ~30% of
+    forward speed; trimming once per chunk costs nothing measurable (`qkatlas bench extract`)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 class PartWriter:
     """Streams one part: Q/K go into two preallocated chunk buffers; a full buffer is written
     by a background thread while the other fills.
@@ -211,6 +228,7 @@ class PartWriter:
         sequences = pa.concat_tables(self._pending_sequences) if self._pending_sequences else None
         self._pending_tokens, self._pending_sequences = [], []
         self._inflight = self._pool.submit(self._write, self._written, buffer, n, tokens, sequences)
+        trim_heap()
         self._written += n
         self._current, self._fill = 1 - self._current, 0
 

@@ -56,7 +56,8 @@ def _time_extract(loaded, batches, out: str) -> float:
     return time.perf_counter() - began
 
 
-def bench_extract(model: str, data: str, sequences: int, batch_size: int, threads: int | None, memory: bool) -> dict:
+def bench_extract(model: str, data: str, sequences: int, batch_size: int, threads: int | None, memory: bool,
+                  memory_sequences: int = 1600) -> dict:
     import os
 
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
@@ -81,8 +82,8 @@ def bench_extract(model: str, data: str, sequences: int, batch_size: int, thread
     table.add_row("ratio extract / plain", f"{result['throughput_ratio']:.3f}", ">= 0.90")
     if memory:
         del loaded, batches
-        small = _rss_subprocess(model, data, sequences * 4, batch_size, threads)
-        large = _rss_subprocess(model, data, sequences * 40, batch_size, threads)
+        small = _rss_subprocess(model, data, memory_sequences, batch_size, threads)
+        large = _rss_subprocess(model, data, memory_sequences * 10, batch_size, threads)
         result.update(rss_1x=small, rss_10x=large, rss_ratio=round(large["peak_rss_mb"] / small["peak_rss_mb"], 3))
         table.add_row(f"peak RSS, 1x = {small['sequences']:,} seqs ({small['tokens']:,} tokens)",
                       f"{small['peak_rss_mb']:,.0f} MB", "")

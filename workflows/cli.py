@@ -200,7 +200,9 @@ def info(run: str = typer.Argument(..., help="run directory or URL")) -> None:
 def bench_extract(
     model: str = typer.Option("demo:minilm", help="model to benchmark"),
     data: str = typer.Option("demo:wiki", help="source of the sequences"),
-    sequences: int = typer.Option(400, help="sequences at 1x; the memory check also runs 10x"),
+    sequences: int = typer.Option(1500, help="sequences for the throughput comparison"),
+    memory_sequences: int = typer.Option(1600, help="sequences at 1x for the memory check, which also runs 10x "
+                                                    "(each a whole extraction in a fresh process)"),
     batch_size: int = typer.Option(32),
     threads: Optional[int] = typer.Option(None, help="torch threads [all cores]"),
     memory: bool = typer.Option(True, help="also measure peak RSS at 1x and 10x (two subprocesses)"),
@@ -209,7 +211,7 @@ def bench_extract(
     _quiet_transformers()
     from workflows.bench import bench_extract as run_bench
 
-    run_bench(model, data, sequences, batch_size, threads, memory)
+    run_bench(model, data, sequences, batch_size, threads, memory, memory_sequences)
 
 
 @bench_app.command("reduce")

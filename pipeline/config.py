@@ -93,7 +93,7 @@ class ReduceConfig(_Strict):
     sample_threshold: int | None = Field(None, ge=100, description="points above which a head is fitted on a "
                                                                   "sample; default per backend")
     sample_size: int | None = Field(None, ge=100, description="points in that sample; default per backend")
-    refine_epochs: int = Field(100, ge=0, description="UMAP epochs over the full kNN graph after interpolation")
+    refine_epochs: int = Field(70, ge=0, description="UMAP epochs over the full kNN graph after interpolation")
     seed: int | None = Field(None, description="fixes the layout; umap-learn then runs single-threaded")
     umap: UMAPParams = Field(default_factory=UMAPParams)
     tsne: TSNEParams = Field(default_factory=TSNEParams)

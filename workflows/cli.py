@@ -114,7 +114,7 @@ def reduce(
                                                               "[cpu: umap 50k, tsne 20k; gpu: millions]"),
     sample_size: Optional[int] = typer.Option(None, help="points in that sample [cpu: umap 20k, tsne 10k]"),
     refine_epochs: Optional[int] = typer.Option(None, help="UMAP epochs over the full kNN graph after "
-                                                           "interpolation [100]; 0 = interpolation only"),
+                                                           "interpolation [70]; 0 = interpolation only"),
     metric: Optional[str] = typer.Option(None, help="cosine|euclidean [cosine]"),
     translate_keys: Optional[bool] = typer.Option(None, "--translate-keys/--no-translate-keys",
                                                   help="key translation [on]"),

@@ -23,7 +23,8 @@ import torch
 from pipeline.config import ExtractConfig
 from pipeline.models import LoadedModel, capturing, load_model
 from pipeline.sources import Sequence, open_source
-from pipeline.store import FORMAT, PartWriter, RunDir, VectorSpec, commit_part, committed_parts, part_name
+from pipeline.store import (FORMAT, PartWriter, RunDir, VectorSpec, commit_part, committed_parts,
+                            mark_extraction_complete, part_name)
 
 WORD_PIECE_MARKS = ("##", "Ġ", "▁", "Ċ")
 
@@ -348,8 +349,6 @@ def extract(config: ExtractConfig, overwrite: bool = False, progress: Callable |
         record, resumed = done[part_name(0)], True
     else:
         record, resumed = extract_part(loaded, config, run, 0, on_batch=progress), False
-    manifest = run.read_json("manifest.json")
-    manifest["extract"] = {"parts": 1, "complete": True}
-    run.write_json(manifest, "manifest.json")
+    mark_extraction_complete(run, parts=1)
     return dict(record, out=config.out, already_done=resumed, n_layers=len(stored_layers(config, loaded)),
                 n_heads=loaded.layout.n_heads, wall_seconds=round(time.perf_counter() - began, 3))

@@ -303,6 +303,28 @@ def committed_projections(run: RunDir) -> dict[tuple[str, int, int, int], dict]:
     return records
 
 
+def mark_extraction_complete(run: RunDir, parts: int) -> dict:
+    """Once all `parts` are committed, record their totals in the manifest and mark the
+    extraction complete, so that the run opens for reading. Returns the totals."""
+    from collections import Counter
+
+    committed = committed_parts(run)
+    if len(committed) < parts:
+        raise StoreError(f"{run.url}: only {len(committed)} of {parts} parts are committed")
+    skipped = Counter()
+    for record in committed.values():
+        skipped.update(record.get("skipped", {}))
+    totals = {"parts": parts, "complete": True,
+              "n_sequences": sum(record["n_sequences"] for record in committed.values()),
+              "n_tokens": sum(record["n_tokens"] for record in committed.values()),
+              "truncated": sum(record.get("truncated", 0) for record in committed.values()),
+              "skipped": dict(skipped)}
+    manifest = run.read_json("manifest.json")
+    manifest["extract"] = dict(manifest.get("extract", {}), **totals)
+    run.write_json(manifest, "manifest.json")
+    return totals
+
+
 def commit_part(run: RunDir, index: int, record: dict) -> None:
     run.write_json(dict(record, part=part_name(index), complete=True), "parts", f"{part_name(index)}.json")
 

@@ -171,3 +171,14 @@ def test_existing_run_with_other_settings_is_not_mixed(tiny_models, text_file, t
 def test_unknown_demo_source(tiny_models, tmp_path):
     with pytest.raises(SourceError, match="unknown demo source 'demo:nope'"):
         run_extract(tiny_models["bert"], "demo:nope", tmp_path / "run")
+
+
+def test_manifest_records_counts_skips_and_completion(tiny_models, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_bytes(b"one good line\n\n\xff bad\n" + b" ".join([b"word"] * 100) + b"\nlast line\n")
+    run_extract(tiny_models["bert"], data, tmp_path / "run", max_length=16)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["extract"] == {**manifest["extract"], "complete": True, "parts": 1, "n_sequences": 3,
+                                   "truncated": 1, "skipped": {"empty": 1, "undecodable": 1}}
+    assert manifest["extract"]["n_tokens"] == open_run(str(tmp_path / "run")).n_tokens
+    assert manifest["attention"]["mask_rule"] == "bidirectional" and manifest["model"]["architecture"] == "BertModel"

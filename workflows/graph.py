@@ -195,16 +195,10 @@ def extract_shard(config: ExtractConfig, index: int, rows: list) -> dict:
 
 def finish_extraction(url: str, parts: int, *records: dict) -> dict:
     """All shards are committed: mark the extraction complete, so the run opens for reading."""
-    from pipeline.store import committed_parts
+    from pipeline.store import mark_extraction_complete
 
-    run = RunDir(url)
-    committed = committed_parts(run)
-    if len(committed) < parts:
-        raise RuntimeError(f"{url}: only {len(committed)} of {parts} parts are committed")
-    manifest = run.read_json("manifest.json")
-    manifest["extract"] = dict(manifest.get("extract", {}), parts=parts, complete=True)
-    run.write_json(manifest, "manifest.json")
-    return {"parts": parts, "n_tokens": sum(record["n_tokens"] for record in committed.values())}
+    totals = mark_extraction_complete(RunDir(url), parts)
+    return {"parts": parts, "n_tokens": totals["n_tokens"]}
 
 
 def project_head(url: str, config: ReduceConfig, method: str, dim: int, layer: int, head: int,

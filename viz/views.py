@@ -13,10 +13,16 @@ import numpy as np
 import pandas as pd
 import panel as pn
 import param
+from bokeh.core.validation import silence
+from bokeh.core.validation.warnings import FIXED_SIZING_MODE
 
 from viz.data import (KEY_COLOUR, QUERY_COLOUR, SELECTED_COLOUR, RunData, colour_modes, export_bytes, pick_point,
                       point_info, points_in_box, points_in_lasso, search_tokens, selection_frame, top_keys, url_state)
 from viz.raster import HeadRaster, shade_thumbnail
+
+# The matrix mosaic is sized by its frame (frame_width/height, so that every thumbnail gets
+# the same pixels whatever the axis labels take); bokeh warns about that on every session.
+silence(FIXED_SIZING_MODE, True)
 
 if hv.Store.current_backend not in hv.Store.renderers:
     hv.Store.set_current_backend("bokeh")

@@ -14,6 +14,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+def cache_dir() -> Path:
+    """Where qkatlas keeps what it can rebuild (dequantized models, numba code, bench runs)."""
+    import os
+
+    return Path(os.environ.get("QKATLAS_CACHE", Path.home() / ".cache" / "qkatlas"))
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the bad key or value."""
 

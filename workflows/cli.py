@@ -19,14 +19,6 @@ bench_app = typer.Typer(help="Benchmarks that print ratios against a baseline me
 app.add_typer(bench_app, name="bench")
 
 
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def _fail(error: Exception) -> None:
     console.print(f"[bold red]error:[/] {error}")
     raise typer.Exit(code=2)
@@ -77,7 +69,9 @@ def extract(
                 raise ConfigError(f"missing {', '.join(missing)} (or give --config FILE)")
             run_config = validate({"extract": {k: v for k, v in flags.items() if v is not None}}, "flags")
         settings = run_config.extract
-        _quiet_transformers()
+        from pipeline.models import quiet_transformers
+
+        quiet_transformers()
         from workflows.progress import extraction_progress
 
         began = time.perf_counter()
@@ -123,7 +117,7 @@ def reduce(
     overwrite: bool = typer.Option(False, help="recompute heads that are already projected"),
 ) -> None:
     """Project every selected head's normalized queries and keys into one joint 2-D/3-D layout."""
-    from pipeline.config import ConfigError, ReduceConfig, load_config
+    from pipeline.config import ConfigError, load_config
     from pipeline.reduce import BackendError
     from pipeline.store import StoreError, open_run
 
@@ -176,8 +170,9 @@ def _validate_reduce(raw: dict):
 
 def _cache_numba() -> None:
     """umap-learn and pynndescent compile with numba; keep the compiled code between processes."""
-    cache = Path(os.environ.get("QKATLAS_CACHE", Path.home() / ".cache" / "qkatlas")) / "numba"
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache))
+    from pipeline.config import cache_dir
+
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
 
 
 @app.command()
@@ -208,7 +203,9 @@ def bench_extract(
     memory: bool = typer.Option(True, help="also measure peak RSS at 1x and 10x (two subprocesses)"),
 ) -> None:
     """Plain forward vs extract-and-write on the same batches, and peak RSS at 1x vs 10x sequences."""
-    _quiet_transformers()
+    from pipeline.models import quiet_transformers
+
+    quiet_transformers()
     from workflows.bench import bench_extract as run_bench
 
     run_bench(model, data, sequences, batch_size, threads, memory, memory_sequences)
@@ -223,7 +220,9 @@ def bench_reduce(
     points: int = typer.Option(200_000, help="points (2 x tokens) of the head to project"),
 ) -> None:
     """Direct umap-learn on every point vs qkatlas's default, on one real head, in one run."""
-    _quiet_transformers()
+    from pipeline.models import quiet_transformers
+
+    quiet_transformers()
     _cache_numba()
     from workflows.bench import bench_reduce as run_bench
 

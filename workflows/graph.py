@@ -52,23 +52,15 @@ def worker_cores() -> int:
 
 def cached_model(config: ExtractConfig):
     """The model of `config`, loaded once per process and kept (only the latest one)."""
-    from pipeline.models import load_model
+    from pipeline.models import load_model, quiet_transformers
 
     key = (config.model, config.device, config.max_length)
     with _state:
         if key not in _models:
-            _quiet_transformers()
+            quiet_transformers()
             _models.clear()  # a new model replaces the old one: memory holds one model per worker
             _models[key] = load_model(config.model, config.device, config.max_length)
         return _models[key]
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def cached_run(url: str):

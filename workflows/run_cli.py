@@ -97,7 +97,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from pipeline.models import ModelError
         from pipeline.sources import SourceError
         from pipeline.store import StoreError
-        from workflows.cli import _cache_numba, _fail, _quiet_transformers
+        from pipeline.models import quiet_transformers
+        from workflows.cli import _cache_numba, _fail
         from workflows.cluster import ClusterError, local_layout, open_client
         from workflows.graph import pending
         from workflows.progress import console
@@ -113,7 +114,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                           f"projections{' and thumbnails' if settings.workflow.thumbnails else ''} committed; "
                           "nothing to do")
             return
-        _quiet_transformers()
+        quiet_transformers()
         _cache_numba()
         if isinstance(settings.cluster, LocalClusterConfig):
             _, _, warning = local_layout(settings.cluster)
@@ -156,10 +157,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     ) -> None:
         """Extraction and projection throughput with 1 and 2 local workers on the same cores, in
         one run, with the ratio; then the demo config's total time."""
-        from workflows.cli import _cache_numba, _quiet_transformers
+        from pipeline.models import quiet_transformers
+        from workflows.cli import _cache_numba
         from workflows.scale_bench import bench_scale as run_bench
 
-        _quiet_transformers()
+        quiet_transformers()
         _cache_numba()
         run_bench(model, data, sequences, methods.split(","), heads, shards,
                   demo if demo and str(demo) not in ("", ".") else None)

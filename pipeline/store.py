@@ -31,6 +31,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from pipeline.attention import attention_weights
+from pipeline.errors import QkatlasError
 
 FORMAT = "qkatlas-run/1"
 TOKEN_SCHEMA = pa.schema([
@@ -45,7 +46,7 @@ SEQUENCE_SCHEMA = pa.schema([
 ])
 
 
-class StoreError(ValueError):
+class StoreError(QkatlasError, ValueError):
     """A run directory that is missing, incomplete or not a qkatlas run."""
 
 
@@ -303,6 +304,15 @@ def committed_projections(run: RunDir) -> dict[tuple[str, int, int, int], dict]:
     return records
 
 
+def write_head_tables(run: RunDir, measurements: pd.DataFrame, top_sequences: pd.DataFrame, record: dict) -> None:
+    """Write the head atlas tables, then their commit marker."""
+    for name, frame in (("measurements", measurements), ("top_sequences", top_sequences)):
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer, compression="zstd")
+        run.write_bytes(buffer.getvalue().to_pybytes(), "heads", f"{name}.parquet")
+    run.write_json(dict(record, complete=True), "heads", "measurements.json")
+
+
 def mark_extraction_complete(run: RunDir, parts: int) -> dict:
     """Once all `parts` are committed, record their totals in the manifest and mark the
     extraction complete, so that the run opens for reading. Returns the totals."""
@@ -474,6 +484,19 @@ class Run:
                            f"run: qkatlas reduce {self.dir.url} --method {method} --dim {dim}")
         group = zarr.open_group(self.dir.url_of("projections.zarr"), mode="r")
         return np.asarray(group[folder][name][...], dtype=np.float32)
+
+    def head_measurements(self) -> pd.DataFrame | None:
+        """One row per (layer, head) of the head atlas (see `pipeline.heads`), or None when
+        `qkatlas heads` has not committed them yet."""
+        if not self.dir.exists("heads", "measurements.json"):
+            return None
+        return pq.read_table(self.dir.path("heads", "measurements.parquet"), filesystem=self.dir.fs).to_pandas()
+
+    def head_top_sequences(self) -> pd.DataFrame | None:
+        """Rows (layer, head, rank, seq_id, score): the sequences where each head is most itself."""
+        if not self.dir.exists("heads", "measurements.json"):
+            return None
+        return pq.read_table(self.dir.path("heads", "top_sequences.parquet"), filesystem=self.dir.fs).to_pandas()
 
     def store_bytes(self) -> int:
         return sum(self.dir.fs.du(self.dir.path(folder)) for folder in ("vectors.zarr", "tokens", "sequences"))

@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import QkatlasError
+
 
 def cache_dir() -> Path:
     """Where qkatlas keeps what it can rebuild (dequantized models, numba code, bench runs)."""
@@ -21,7 +23,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QKATLAS_CACHE", Path.home() / ".cache" / "qkatlas"))
 
 
-class ConfigError(ValueError):
+class ConfigError(QkatlasError, ValueError):
     """A configuration that cannot be used; the message names the bad key or value."""
 
 
@@ -48,6 +50,8 @@ class ExtractConfig(_Strict):
     compression: Literal["lz4", "zstd", "none"] = Field("lz4", description="codec of the Q/K chunks")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+    probe: bool = Field(True, description="causal text models: also extract repeated random-token sequences (a "
+                                          "nested run RUN/probe) for the head atlas's induction scores")
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -207,6 +211,8 @@ class WorkflowConfig(_Strict):
                                                       "default: 2 per worker. Fixed in the run at its first start")
     thumbnails: bool = Field(True, description="render per-head thumbnails for the dashboard's matrix view")
     thumbnail_size: int = Field(160, ge=16, le=1024)
+    measure_heads: bool = Field(True, description="measure every head over the whole corpus (the head atlas)")
+    regions: bool = Field(True, description="find and label the regions of every 2-D layout (head-view labels)")
 
 
 class RunConfig(_Strict):
@@ -256,7 +262,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):

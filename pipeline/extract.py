@@ -23,13 +23,16 @@ import torch
 from pipeline.config import ExtractConfig
 from pipeline.models import LoadedModel, capturing, load_model
 from pipeline.sources import Sequence, open_source
-from pipeline.store import (FORMAT, PartWriter, RunDir, VectorSpec, commit_part, committed_parts,
-                            mark_extraction_complete, part_name)
+from pipeline.errors import QkatlasError
+from pipeline.hooks import hold
+from pipeline.store import (AttentionRules, Manifest, ModelInfo, PartWriter, RunDir, StoreError, VectorSpec,
+                            collect_garbage, commit_part, committed_parts, create_run, is_run, load_manifest,
+                            mark_extraction_complete, part_damage, part_name, recover, staging_for, swap_in, writing)
 
 WORD_PIECE_MARKS = ("##", "Ġ", "▁", "Ċ")
 
 
-class ExtractError(RuntimeError):
+class ExtractError(QkatlasError, RuntimeError):
     """Extraction cannot start or continue; the message says why."""
 
 
@@ -201,39 +204,36 @@ def stored_layers(config: ExtractConfig, loaded: LoadedModel) -> list[int]:
     return layers
 
 
-def run_manifest(config: ExtractConfig, loaded: LoadedModel) -> dict:
+def run_manifest(config: ExtractConfig, loaded: LoadedModel) -> Manifest:
     layout = loaded.layout
-    return {
-        "format": FORMAT,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": loaded.manifest_entry(),
-        "config": config.model_dump(),
-        "layers": stored_layers(config, loaded),
-        "dtype": config.dtype,
-        "chunk_tokens": config.chunk_tokens,
-        "attention": {"n_layers": layout.n_layers, "n_heads": layout.n_heads, "n_kv_heads": layout.n_kv_heads,
-                      "d_head": layout.d_head, "scale": layout.scale, "mask_rule": layout.mask_rule,
-                      "sliding_window": layout.sliding_window, "kv_head_of_q": layout.kv_head_of_q,
-                      "captured": "query/key states as passed to the attention function: after rotary "
-                                  "embedding, bias included, before the scale"},
-    }
+    return Manifest(
+        model=ModelInfo(**loaded.manifest_entry()), config=config, layers=stored_layers(config, loaded),
+        dtype=config.dtype, chunk_tokens=config.chunk_tokens,
+        attention=AttentionRules(
+            n_layers=layout.n_layers, n_heads=layout.n_heads, n_kv_heads=layout.n_kv_heads, d_head=layout.d_head,
+            scale=layout.scale, mask_rule=layout.mask_rule, sliding_window=layout.sliding_window,
+            kv_head_of_q=layout.kv_head_of_q,
+            captured="query/key states as passed to the attention function: after rotary embedding, bias included, "
+                     "before the scale"))
 
 
-def prepare_run(config: ExtractConfig, loaded: LoadedModel, overwrite: bool = False) -> RunDir:
-    """Create the run directory or check that an existing one was made with the same settings."""
-    run = RunDir(config.out)
+def check_source(config: ExtractConfig) -> None:
+    """Read the source's first usable sequence, so that a bad --data fails before anything is written."""
+    for _ in open_source(config.data, config.text_column, Counter()):
+        return
+    raise ExtractError(f"no usable sequences in {config.data}")
+
+
+def prepare_run(config: ExtractConfig, loaded: LoadedModel, run: RunDir | None = None) -> RunDir:
+    """Create the run directory (default `config.out`), or check that the run already there was
+    made with the same settings."""
+    run = run or RunDir(config.out)
     manifest = run_manifest(config, loaded)
-    if run.exists("manifest.json"):
-        existing = run.read_json("manifest.json")
-        if overwrite:
-            for folder in ("vectors.zarr", "tokens", "sequences", "parts", "projections", "manifest.json"):
-                run.remove(folder)
-        elif existing.get("config") != manifest["config"]:
+    if not run.is_empty_or_missing() and is_run(run):
+        if load_manifest(run).config != manifest.config:
             raise ExtractError(f"{config.out} holds a run made with other settings; use another --out or --overwrite")
-        else:
-            return run
-    run.fs.makedirs(run.root, exist_ok=True)
-    run.write_json(manifest, "manifest.json")
+        return run
+    create_run(run, manifest)
     return run
 
 
@@ -335,20 +335,96 @@ def _stop_after_row(sequences: Iterator[Sequence], stop: int) -> Iterator[Sequen
 
 def extract(config: ExtractConfig, overwrite: bool = False, progress: Callable | None = None,
             loaded: LoadedModel | None = None) -> dict:
-    """Extract the whole source as one part. Skips work already committed; returns a summary."""
+    """Extract the whole source as one part. Skips work already committed; returns a summary.
+
+    With `overwrite`, the new run is built beside the old one and swapped in only once it is
+    committed: a bad model or source, or a crash, leaves the old run as it was."""
     configure_threads(config)
-    loaded = loaded or load_model(config.model, config.device, config.max_length)
-    run = prepare_run(config, loaded, overwrite)
-    planned = run.read_json("manifest.json").get("extract", {}).get("parts", 1)
-    if planned != 1:
-        raise ExtractError(f"{config.out} is being extracted in {planned} shards by `qkatlas run`; rerun that "
+    target = RunDir(config.out)
+    with writing(target, "qkatlas extract"):
+        hold("extract-locked")
+        recover(target)
+        loaded = loaded or load_model(config.model, config.device, config.max_length)
+        check_source(config)
+        replacing = overwrite and not target.is_empty_or_missing()
+        if replacing and not is_run(target):
+            raise StoreError(f"{config.out} is not a qkatlas run; --overwrite replaces only runs (choose a new --out)")
+        run = prepare_run(config, loaded, staging_for(target) if replacing else target)
+        try:
+            summary = _extract_into(config, loaded, run, progress)
+        except BaseException:
+            if replacing:
+                run.remove()
+            raise
+        if replacing:
+            swap_in(run, target)
+        return dict(summary, out=config.out)
+
+
+PROBE = {"n_sequences": 64, "half_length": 24, "seed": 0}
+
+
+def wants_probe(config: ExtractConfig, loaded: LoadedModel) -> bool:
+    """Induction scores are defined for causal text models (TransformerLens's head detector)."""
+    return config.probe and loaded.modality == "text" and loaded.layout.mask_rule == "causal"
+
+
+def probe_batches(loaded: LoadedModel, batch_size: int) -> Iterator[Batch]:
+    """[BOS] + R + R sequences of random token ids (`pipeline.heads.repeated_random_tokens`)."""
+    from pipeline.heads import repeated_random_tokens
+
+    tokenizer = loaded.tokenizer
+    half = min(PROBE["half_length"], (loaded.max_positions - 1) // 2)
+    token_ids = repeated_random_tokens(tokenizer.vocab_size, PROBE["n_sequences"], half, PROBE["seed"],
+                                       bos_id=tokenizer.bos_token_id, exclude_ids=tokenizer.all_special_ids)
+    for start in range(0, len(token_ids), batch_size):
+        rows = token_ids[start:start + batch_size]
+        items = [Sequence(row=start + index, text=tokenizer.decode(ids), meta={"probe": True})
+                 for index, ids in enumerate(rows)]
+        inputs = {"input_ids": torch.from_numpy(rows), "attention_mask": torch.ones_like(torch.from_numpy(rows))}
+        yield Batch(items, inputs, [rows.shape[1]] * len(rows), [False] * len(rows), [list(map(int, r)) for r in rows])
+
+
+def extract_probe(loaded: LoadedModel, config: ExtractConfig, run: RunDir) -> dict | None:
+    """Extract the induction probe into the nested run RUN/probe (skipped when committed or not
+    wanted). It never mixes with the corpus: its own manifest, parts and tokens."""
+    if not wants_probe(config, loaded):
+        return None
+    probe = run.probe()
+    if is_run(probe) and load_manifest(probe).extract.complete:
+        return {"skipped_task": True}
+    if not is_run(probe):
+        create_run(probe, run_manifest(config, loaded).model_copy(update={"probe": PROBE}))
+    layers = stored_layers(config, loaded)
+    layout = loaded.layout
+    spec = VectorSpec(len(layers), layout.n_heads, layout.n_kv_heads, layout.d_head, "float32",
+                      config.chunk_tokens, config.compression)
+    writer = PartWriter(probe, 0, spec)
+    try:
+        write_batches(loaded, probe_batches(loaded, config.batch_size), layers, np.dtype("float32"), writer)
+        record = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    commit_part(probe, 0, dict(record, rows=[0, None], skipped={}, truncated=0))
+    mark_extraction_complete(probe, parts=1)
+    return {"n_tokens": record["n_tokens"]}
+
+
+def _extract_into(config: ExtractConfig, loaded: LoadedModel, run: RunDir, progress: Callable | None) -> dict:
+    state = load_manifest(run).extract
+    if state.parts not in (None, 1):
+        raise ExtractError(f"{config.out} is being extracted in {state.parts} shards by `qkatlas run`; rerun that "
                            "command to finish it")
+    collect_garbage(run)
     done = committed_parts(run)
     began = time.perf_counter()
-    if part_name(0) in done:
+    if part_name(0) in done and part_damage(run, done[part_name(0)]) is None:
         record, resumed = done[part_name(0)], True
     else:
         record, resumed = extract_part(loaded, config, run, 0, on_batch=progress), False
     mark_extraction_complete(run, parts=1)
-    return dict(record, out=config.out, already_done=resumed, n_layers=len(stored_layers(config, loaded)),
+    extract_probe(loaded, config, run)
+    summary = {key: value for key, value in record.items() if key not in ("arrays", "chunk_files", "files")}
+    return dict(summary, already_done=resumed, n_layers=len(stored_layers(config, loaded)),
                 n_heads=loaded.layout.n_heads, wall_seconds=round(time.perf_counter() - began, 3))

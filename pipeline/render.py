@@ -12,10 +12,6 @@ QUERY_COLOUR = "#5fb96c"  # rgb(95, 185, 108)
 KEY_COLOUR = "#e3378f"  # rgb(227, 55, 143)
 
 
-def thumbnail_name(method: str, dim: int, layer: int, head: int) -> tuple[str, str]:
-    return "thumbnails", f"{method}{dim}d", f"L{layer:03d}H{head:03d}.png"
-
-
 def shade_layout(coords: np.ndarray, size: int = 160):
     """Rasterize [queries; keys] coordinates (first two axes) into a datashader image."""
     import datashader as ds
@@ -32,9 +28,10 @@ def shade_layout(coords: np.ndarray, size: int = 160):
 
 def render_thumbnail(run, method: str, dim: int, layer: int, head: int, size: int = 160) -> str:
     """Write the thumbnail of one projected head into the run; returns its path in the run."""
+    from pipeline.store import committed_projection, write_thumbnail
+
+    record = committed_projection(run.dir, method, dim, layer, head)
     image = shade_layout(run.projection(method, layer, head, dim=dim), size)
     buffer = io.BytesIO()
     image.to_pil().save(buffer, format="PNG")
-    parts = thumbnail_name(method, dim, layer, head)
-    run.dir.write_bytes(buffer.getvalue(), *parts)
-    return "/".join(parts)
+    return "/".join(write_thumbnail(run.dir, record, buffer.getvalue()))

@@ -129,7 +129,7 @@ def test_source_with_no_usable_rows_commits_nothing(tiny_models, tmp_path):
     with pytest.raises(ExtractError, match="no usable sequences"):
         run_extract(tiny_models["bert"], data, tmp_path / "run")
     assert committed_parts(RunDir(str(tmp_path / "run"))) == {}
-    with pytest.raises(StoreError, match="not complete"):
+    with pytest.raises(StoreError, match="not a qkatlas run"):  # the source is checked before the run is made
         open_run(str(tmp_path / "run"))
 
 

@@ -23,7 +23,7 @@ def test_extract_with_flags_prints_a_summary(tiny_models, text_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "sequences  5" in result.output and "1 layers x 4 heads" in result.output
     run = open_run(str(out))
-    assert run.layers == [1] and run.manifest["config"]["batch_size"] == 2
+    assert run.layers == [1] and run.manifest.config.batch_size == 2
 
 
 def test_extract_from_config_file_with_override(tiny_models, text_file, tmp_path):

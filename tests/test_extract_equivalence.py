@@ -119,7 +119,7 @@ def test_float16_store_is_close_and_half_the_size(tiny_models, text_file, tmp_pa
         extract(ExtractConfig(model=tiny_models["bert"], data=text_file, out=out, dtype=dtype, compression="none"))
         runs[dtype] = open_run(out)
     half, full = runs["float16"], runs["float32"]
-    assert half._group["part-00000"]["q"].dtype == np.float16
+    assert half._array("part-00000", "q").dtype == np.float16
     np.testing.assert_allclose(half.queries(1, 2), full.queries(1, 2), rtol=1e-2, atol=1e-2)
     assert half.queries(1, 2).dtype == np.float32  # the reading API always returns float32
     assert half.store_bytes() < 0.75 * full.store_bytes()

@@ -60,7 +60,7 @@ def test_run_into_s3(tiny_models, text_file, tmp_path, s3):
     assert result.returncode == 0, result.stdout + result.stderr
 
     run = open_run(url)
-    assert len(run.parts) == 3 and run.manifest["extract"]["complete"]
+    assert len(run.parts) == 3 and run.manifest.extract.complete
     assert sorted(run.sequences()["seq_id"]) == list(range(7))  # the fixture's 7 sentences
     assert len(run.tokens()) == run.n_tokens == len(run.queries(1, 0))
     assert len(run.projections()) == run.n_heads

@@ -3,6 +3,7 @@ extraction and during projection, then resumed; the result must equal an uninter
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -71,11 +72,12 @@ def data_files(run: Path, parts: list[str]) -> dict[str, int]:
     """mtime_ns of every file written for these parts (vectors, tokens, sequences)."""
     files = {}
     for part in parts:
-        for path in (run / "vectors.zarr" / part).rglob("*"):
+        version = f"{part}-{json.loads((run / 'parts' / f'{part}.json').read_text())['token']}"
+        for path in (run / "vectors.zarr" / version).rglob("*"):
             if path.is_file():
                 files[str(path.relative_to(run))] = path.stat().st_mtime_ns
         for folder in ("tokens", "sequences"):
-            path = run / folder / f"{part}.parquet"
+            path = run / folder / f"{version}.parquet"
             files[str(path.relative_to(run))] = path.stat().st_mtime_ns
     return files
 
@@ -119,8 +121,8 @@ def assert_same_store(left: Path, right: Path) -> None:
     for row in projections.itertuples():
         np.testing.assert_allclose(a.projection(row.method, row.layer, row.head, row.dim),
                                    b.projection(row.method, row.layer, row.head, row.dim), atol=1e-5)
-        for run in (left, right):
-            assert (run / "thumbnails" / f"{row.method}{row.dim}d" / f"L{row.layer:03d}H{row.head:03d}.png").is_file()
+        for run in (a, b):
+            assert run.thumbnail_png(row.method, row.dim, row.layer, row.head) is not None
 
 
 def test_plan_shards_and_skip_counts(tiny_models, corpus, tmp_path):
@@ -204,11 +206,13 @@ def test_extract_refuses_a_sharded_run(tiny_models, corpus, tmp_path):
     """`qkatlas extract` must not finish a run that `qkatlas run` planned in shards."""
     from pipeline.config import load_config
     from pipeline.extract import ExtractError, extract
+    from pipeline.store import RunDir, load_manifest
     from workflows.graph import prepare
 
     config = write_config(tmp_path / "run.yaml", tiny_models["bert"], corpus, str(tmp_path / "run"))
     settings = load_config(config).extract
-    manifest = prepare(settings, 3)
-    assert manifest["extract"]["parts"] == 3 and not manifest["extract"]["complete"]
+    prepare(settings, 3)
+    state = load_manifest(RunDir(settings.out)).extract
+    assert state.parts == 3 and not state.complete
     with pytest.raises(ExtractError, match="3 shards"):
         extract(settings)

@@ -2,25 +2,67 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
+from rich.markup import escape
 
+from pipeline.errors import QkatlasError
 from workflows.progress import console
 
-app = typer.Typer(help="qkatlas: per-head joint query/key embeddings of transformer attention at corpus scale "
-                       "(AttentionViz, Yeh et al. 2023).", no_args_is_help=True, pretty_exceptions_enable=False)
-bench_app = typer.Typer(help="Benchmarks that print ratios against a baseline measured in the same run.",
-                        no_args_is_help=True)
+
+class _Commands(typer.Typer):
+    """A Typer whose every command reports a user error (`QkatlasError`, or an `OSError` such as
+    an unwritable path) as one line and exit code 2, in one place; `--debug` adds the traceback."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda function: register(_one_line_errors(function))
+
+
+app = _Commands(help="qkatlas: per-head joint query/key embeddings of transformer attention at corpus scale "
+                     "(AttentionViz, Yeh et al. 2023).", no_args_is_help=True, pretty_exceptions_enable=False)
+bench_app = _Commands(help="Benchmarks that print ratios against a baseline measured in the same run.",
+                      no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+_debug = False
 
 
-def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", envvar="QKATLAS_DEBUG",
+                                        help="on an error, also print its traceback")) -> None:
+    global _debug
+    _debug = debug
+
+
+def _one_line_errors(command):
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (QkatlasError, OSError) as error:
+            _fail(error)
+    return run
+
+
+def one_line(error: Exception) -> str:
+    """The error's message on one line (a multi-line message's lines joined by '; ')."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}; check the path and its permissions"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+def _fail(error: Exception) -> NoReturn:
+    if _debug:
+        traceback.print_exception(error)
+    console.print(f"[bold red]error:[/] {escape(one_line(error))}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -52,40 +94,35 @@ def extract(
 ) -> None:
     """Capture the query and key vectors of every head for every token into a run store."""
     from pipeline.config import ConfigError, load_config, validate
-    from pipeline.extract import ExtractError, extract as run_extract
-    from pipeline.models import ModelError
-    from pipeline.sources import SourceError
-    from pipeline.store import StoreError, open_run
+    from pipeline.extract import extract as run_extract
+    from pipeline.store import open_run
 
     flags = dict(model=model, data=data, out=out, text_column=text_column, max_length=max_length, overlong=overlong,
                  batch_size=batch_size, limit=limit, dtype=dtype, layers=layers, chunk_tokens=chunk_tokens,
                  device=device, threads=threads)
-    try:
-        if config is not None:
-            run_config = load_config(config, flags)
-        else:
-            missing = [f"--{name}" for name in ("model", "data", "out") if flags[name] is None]
-            if missing:
-                raise ConfigError(f"missing {', '.join(missing)} (or give --config FILE)")
-            run_config = validate({"extract": {k: v for k, v in flags.items() if v is not None}}, "flags")
-        settings = run_config.extract
-        from pipeline.models import quiet_transformers
+    if config is not None:
+        run_config = load_config(config, flags)
+    else:
+        missing = [f"--{name}" for name in ("model", "data", "out") if flags[name] is None]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (or give --config FILE)")
+        run_config = validate({"extract": {k: v for k, v in flags.items() if v is not None}}, "flags")
+    settings = run_config.extract
+    from pipeline.models import quiet_transformers
 
-        quiet_transformers()
-        from workflows.progress import extraction_progress
+    quiet_transformers()
+    from workflows.progress import extraction_progress
 
-        began = time.perf_counter()
-        with extraction_progress(settings.limit) as on_batch:
-            summary = run_extract(settings, overwrite=overwrite, progress=on_batch)
-        run = open_run(settings.out)
-    except (ConfigError, SourceError, ModelError, ExtractError, StoreError) as error:
-        _fail(error)
+    began = time.perf_counter()
+    with extraction_progress(settings.limit) as on_batch:
+        summary = run_extract(settings, overwrite=overwrite, progress=on_batch)
+    run = open_run(settings.out)
     elapsed = time.perf_counter() - began
     state = "already complete, nothing redone" if summary["already_done"] else "extracted"
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items()) or "none"
     console.print(
         f"[bold green]{state}[/] {settings.out}\n"
-        f"  model      {settings.model} ({run.manifest['model']['architecture']})\n"
+        f"  model      {settings.model} ({run.manifest.model.architecture})\n"
         f"  sequences  {summary['n_sequences']:,} (skipped: {skipped}; truncated: {summary['truncated']})\n"
         f"  tokens     {summary['n_tokens']:,}\n"
         f"  heads      {run.n_layers} layers x {run.n_heads} heads = {run.n_layers * run.n_heads} "
@@ -117,42 +154,39 @@ def reduce(
     overwrite: bool = typer.Option(False, help="recompute heads that are already projected"),
 ) -> None:
     """Project every selected head's normalized queries and keys into one joint 2-D/3-D layout."""
-    from pipeline.config import ConfigError, load_config
-    from pipeline.reduce import BackendError
-    from pipeline.store import StoreError, open_run
+    from pipeline.config import load_config
+    from pipeline.store import open_run
 
     _cache_numba()
-    flags = dict(methods=method.split(",") if method else None,
-                 dims=[int(d) for d in dim.split(",")] if dim else None, layers=layers, heads=heads,
+    flags = dict(methods=method.split(",") if method else None,  # non-numbers reach the validator's message
+                 dims=[int(d) if d.strip().isdigit() else d for d in dim.split(",")] if dim else None,
+                 layers=layers, heads=heads,
                  backend=backend, sample_threshold=sample_threshold, sample_size=sample_size,
                  refine_epochs=refine_epochs, metric=metric, translate_keys=translate_keys,
                  scale_norms=scale_norms, seed=seed)
     flags = {key: value for key, value in flags.items() if value is not None}
-    try:
-        base = load_config(config).reduce.model_dump() if config is not None else {}
-        settings = _validate_reduce(dict(base, **flags))
-        from pipeline.reduce.project import head_tasks, reduce_run
+    base = load_config(config).reduce.model_dump() if config is not None else {}
+    settings = _validate_reduce(dict(base, **flags))
+    from pipeline.reduce.project import head_tasks, reduce_run
 
+    try:
         tasks = head_tasks(open_run(run), settings)
-    except (ConfigError, StoreError, ValueError, BackendError) as error:
+    except ValueError as error:  # layers or heads the run does not have
         _fail(error)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("[bold]projecting"), BarColumn(), MofNCompleteColumn(), TextColumn("heads  {task.fields[last]}"),
                TimeElapsedColumn()]
-    try:
-        with Progress(*columns, console=console) as bar:
-            job = bar.add_task("reduce", total=len(tasks), last="")
+    with Progress(*columns, console=console) as bar:
+        job = bar.add_task("reduce", total=len(tasks), last="")
 
-            def on_head(task, record):
-                method_, dim_, layer_, head_ = task
-                quality = record["quality"]
-                bar.update(job, advance=1, last=f"L{layer_}H{head_} {method_} {dim_}-D {record['seconds']:.1f}s "
-                                                f"kNN {quality['knn_preservation']:.2f}")
+        def on_head(task, record):
+            method_, dim_, layer_, head_ = task
+            quality = record["quality"]
+            bar.update(job, advance=1, last=f"L{layer_}H{head_} {method_} {dim_}-D {record['seconds']:.1f}s "
+                                            f"kNN {quality['knn_preservation']:.2f}")
 
-            summary = reduce_run(run, settings, overwrite=overwrite, on_head=on_head)
-    except BackendError as error:
-        _fail(error)
+        summary = reduce_run(run, settings, overwrite=overwrite, on_head=on_head)
     console.print(f"[bold green]projected[/] {summary['projected']} heads on the {summary['backend']} backend in "
                   f"{summary['seconds']:.1f} s ({summary['done_before']} already done)")
 
@@ -176,19 +210,69 @@ def _cache_numba() -> None:
 
 
 @app.command()
-def info(run: str = typer.Argument(..., help="run directory or URL")) -> None:
-    """Print what a run holds."""
-    from pipeline.store import StoreError, open_run
+def info(run: str = typer.Argument(..., help="run directory or URL"),
+         verify: bool = typer.Option(False, "--verify", help="read every committed part, projection and head table "
+                                                             "and check it against its commit marker")) -> None:
+    """Print what a run holds; with --verify, what of it is damaged (exit 1 if anything is)."""
+    from pipeline.store import open_run
+
+    opened = open_run(run)
+    manifest = opened.manifest
+    console.print(f"{opened!r}\n  layers stored: {opened.layers}\n  mask: {opened.mask_rule}\n"
+                  f"  parts: {len(opened.parts)}\n  projections: {len(opened.projection_records())}\n"
+                  f"  store: {_human_bytes(opened.store_bytes())}\n"
+                  f"  skipped: {manifest.extract.skipped}\n"
+                  f"  model: {manifest.model.id} ({manifest.model.architecture})", highlight=False)
+    if verify:
+        damage = opened.verify_and_record()
+        if not damage:
+            console.print("[bold green]verified[/]: every committed part, projection and head table matches its marker")
+            return
+        for item in damage:
+            console.print(f"[bold red]damaged[/] {item}", highlight=False)
+        console.print(f"{len(damage)} damaged, flagged in their markers; `qkatlas run` (or `qkatlas extract` / "
+                      "`reduce`) on this run redoes exactly those")
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def heads(run: str = typer.Argument(..., help="run directory or URL"),
+          layers: Optional[str] = typer.Option(None, help="comma-separated layers to measure [every stored layer]"),
+          overwrite: bool = typer.Option(False, help="measure layers that are already measured again"),
+          threads: Optional[int] = typer.Option(None, help="torch CPU threads [all cores]")) -> None:
+    """Measure what every head does over the whole corpus (the head atlas: entropy, sink, previous-token,
+    positional, induction, ...) and store the table in the run; resumable per layer."""
+    import torch
+    from dask.system import cpu_count as dask_cpu_count
+
+    from pipeline.heads import HeadsError, commit_layer_measurements
+    from workflows.progress import stage_bar
+    from pipeline.store import StoreError, committed_head_layers, open_run, writing
 
     try:
         opened = open_run(run)
-    except (StoreError, FileNotFoundError) as error:
+        chosen = [int(layer) for layer in layers.split(",")] if layers else opened.layers
+        missing = sorted(set(chosen) - set(opened.layers))
+        if missing:
+            raise StoreError(f"--layers {missing} are not stored in {run} (stored: {opened.layers})")
+        torch.set_num_threads(threads or dask_cpu_count())
+        with writing(opened.dir, "qkatlas heads"):
+            done = set() if overwrite else set(committed_head_layers(opened.dir))
+            todo = [layer for layer in chosen if layer not in done]
+            with stage_bar("measuring heads", len(todo) * opened.n_heads) as advance:
+                for layer in todo:
+                    commit_layer_measurements(opened, layer, on_head=lambda *_: advance())
+    except (StoreError, HeadsError, ValueError) as error:
         _fail(error)
-    manifest = opened.manifest
-    console.print(f"{opened!r}\n  layers stored: {opened.layers}\n  mask: {opened.mask_rule}\n"
-                  f"  parts: {len(opened.parts)}\n  store: {_human_bytes(opened.store_bytes())}\n"
-                  f"  skipped: {[p['skipped'] for p in opened.parts.values()]}\n"
-                  f"  model: {manifest['model']}")
+    table = opened.head_measurements()
+    console.print(f"[bold green]measured[/] {run}: {len(table)} heads over {opened.n_tokens:,} tokens "
+                  f"({len(todo)} layers now, {len(chosen) - len(todo)} already committed)", highlight=False)
+    for column, label in (("sink_weight", "sink"), ("prev_weight", "previous-token"),
+                          ("induction_score", "induction"), ("entropy_norm", "broad (entropy)")):
+        if column in table and table[column].notna().any():
+            best = table.nlargest(3, column)
+            heads_text = ", ".join(f"L{r.layer}H{r.head} {getattr(r, column):.2f}" for r in best.itertuples())
+            console.print(f"  top {label:<16} {heads_text}", highlight=False)
 
 
 @bench_app.command("extract")

@@ -1,8 +1,9 @@
 """The `qkatlas run` workflow: one Dask graph of plain functions over `pipeline/`.
 
     prepare ─► extract shard 0 ─┐
-            ├► extract shard 1 ─┼► finish ─► project (method, dim, layer, head) ─► thumbnail
-            └► ...              ┘           └► ...                                 └► ...
+            ├► extract shard 1 ─┼► finish ─┬► project (method, dim, layer, head) ─► thumbnail
+            ├► ...              ┘          │  └► ...                                 └► ...
+            └► extract probe ──────────────┴► measure heads of layer 0, 1, ...
 
 Every task reads and writes the run directory (a path or an fsspec URL) and commits its work
 there only after its data is written (a part marker, a projection marker, a PNG written in one
@@ -26,10 +27,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.config import ExtractConfig, ReduceConfig, RunConfig
-from pipeline.store import RunDir
+from pipeline.hooks import hold
+from pipeline.store import (ExtractionState, RunDir, committed_head_layers, committed_parts,
+                            committed_projection, is_run,
+                            committed_projections, load_manifest, mark_extraction_complete, part_damage, part_name,
+                            projection_damage, update_manifest)
 
-HOLD_ENV = "QKATLAS_HOLD_AT"  # test hook, see `_hold`
-HOLD_MARKER_ENV = "QKATLAS_HOLD_MARKER"
 
 # --- per-process state on a worker ----------------------------------------------------------
 
@@ -68,8 +71,9 @@ def cached_run(url: str):
     from pipeline.store import open_run
 
     directory = RunDir(url)
-    manifest = directory.read_json("manifest.json")
-    stamp = f"{manifest.get('created')}|{manifest.get('extract')}"
+    manifest = load_manifest(directory)
+    versions = sorted(record["token"] for record in committed_parts(directory).values())
+    stamp = f"{manifest.created}|{manifest.extract}|{versions}"
     with _state:
         cached = _runs.get(url)
         if cached is None or cached[0] != stamp:
@@ -88,35 +92,7 @@ def _configure_threads(config: ExtractConfig | None = None) -> int:
     return threads
 
 
-def _hold(point: str) -> None:
-    """Test hook: with QKATLAS_HOLD_AT=point in the environment, the task that reaches `point`
-    touches the file named by QKATLAS_HOLD_MARKER and then blocks, so that a test can SIGKILL
-    the run at a known place. Does nothing otherwise."""
-    if os.environ.get(HOLD_ENV) != point:
-        return
-    marker = os.environ.get(HOLD_MARKER_ENV)
-    if marker:
-        with open(marker, "w") as handle:
-            handle.write(f"{os.getpid()} {point}\n")
-    while True:
-        time.sleep(60)
-
-
 # --- the tasks ------------------------------------------------------------------------------
-
-
-def create_groups(url: str, folders: list[str] = ()) -> None:
-    """Create the Zarr groups that parallel tasks write into (vectors.zarr, and projections.zarr
-    with one subgroup per method and dim) before they start: tasks that each create a missing
-    group race, and the loser fails with zarr's ContainsGroupError."""
-    import zarr
-
-    run = RunDir(url)
-    zarr.open_group(run.url_of("vectors.zarr"), mode="a")
-    if folders:
-        group = zarr.open_group(run.url_of("projections.zarr"), mode="a")
-        for folder in folders:
-            group.require_group(folder)
 
 
 def plan_shards(config: ExtractConfig, shards: int) -> list[list[int]]:
@@ -140,33 +116,32 @@ def plan_shards(config: ExtractConfig, shards: int) -> list[list[int]]:
 def prepare(config: ExtractConfig, shards: int) -> dict:
     """Create the run (or check an existing one) and fix its shard plan in the manifest; the
     plan never changes afterwards, so a rerun on another cluster writes the same parts."""
-    from pipeline.extract import prepare_run
-    from pipeline.store import committed_parts
+    from pipeline.extract import check_source, prepare_run
 
     with _heavy:
         _configure_threads(config)
-        run = prepare_run(config, cached_model(config))
-    create_groups(config.out)
-    manifest = run.read_json("manifest.json")
-    if "shards" not in manifest.get("extract", {}):
-        if manifest.get("extract") or committed_parts(run):  # started by `qkatlas extract`: one part
-            plan = {"parts": 1, "shards": [[0, None]], "complete": bool(manifest.get("extract", {}).get("complete"))}
+        loaded = cached_model(config)
+        check_source(config)
+        run = prepare_run(config, loaded)
+    state = load_manifest(run).extract
+    if state.shards is None:
+        if state.parts or committed_parts(run):  # started by `qkatlas extract`: one part
+            plan = ExtractionState(parts=1, shards=[[0, None]], complete=state.complete)
         else:
             ranges = plan_shards(config, shards)
-            plan = {"parts": len(ranges), "shards": ranges, "complete": False}
-        manifest["extract"] = plan
-        run.write_json(manifest, "manifest.json")
-    return manifest
+            plan = ExtractionState(parts=len(ranges), shards=ranges)
+        update_manifest(run, extract=plan)
+    return {"prepared": config.out}
 
 
 def extract_shard(config: ExtractConfig, index: int, rows: list) -> dict:
     """Extract source rows [start, stop) into part `index` and commit it (skipped if committed)."""
     from pipeline.extract import extract_part
-    from pipeline.store import committed_parts, part_name
 
     run = RunDir(config.out)
-    if run.exists("parts", f"{part_name(index)}.json"):
-        return dict(committed_parts(run)[part_name(index)], skipped_task=True)
+    done = committed_parts(run).get(part_name(index))
+    if done is not None and part_damage(run, done) is None:
+        return {"n_tokens": done["n_tokens"], "skipped_task": True}
     start, stop = rows
     shard_config = config if stop is None else config.model_copy(update={"limit": None})  # rows hold the limit
     batches = 0
@@ -175,22 +150,46 @@ def extract_shard(config: ExtractConfig, index: int, rows: list) -> dict:
         nonlocal batches
         batches += 1
         if batches == 1:
-            _hold(f"extract-shard-{index}")
+            hold(f"extract-shard-{index}")
 
     with _heavy:
         threads = _configure_threads(config)
         loaded = cached_model(config)
         began = time.perf_counter()
         record = extract_part(loaded, shard_config, run, index, rows=(start, stop), on_batch=on_batch)
-    return dict(record, threads=threads, task_seconds=round(time.perf_counter() - began, 3), pid=os.getpid())
+    return {"n_tokens": record["n_tokens"], "n_sequences": record["n_sequences"], "threads": threads,
+            "task_seconds": round(time.perf_counter() - began, 3), "pid": os.getpid()}
 
 
 def finish_extraction(url: str, parts: int, *records: dict) -> dict:
     """All shards are committed: mark the extraction complete, so the run opens for reading."""
-    from pipeline.store import mark_extraction_complete
-
     totals = mark_extraction_complete(RunDir(url), parts)
     return {"parts": parts, "n_tokens": totals["n_tokens"]}
+
+
+def extract_probe(config: ExtractConfig) -> dict:
+    """The induction probe (repeated random tokens) into RUN/probe, for causal text models."""
+    from pipeline.extract import extract_probe as run_probe
+
+    with _heavy:
+        _configure_threads(config)
+        record = run_probe(cached_model(config), config, RunDir(config.out))
+    return record or {"skipped_task": True}
+
+
+def measure_layer(url: str, layer: int, *_after) -> dict:
+    """The head atlas rows of every query head of one layer, written and committed."""
+    from pipeline.heads import commit_layer_measurements
+
+    run = cached_run(url)
+    if layer in committed_head_layers(run.dir):
+        return {"skipped_task": True}
+    with _heavy:
+        hold(f"heads-L{layer:03d}")
+        _configure_threads()
+        began = time.perf_counter()
+        commit_layer_measurements(run, layer)
+    return {"seconds": round(time.perf_counter() - began, 3), "pid": os.getpid()}
 
 
 def project_head(url: str, config: ReduceConfig, method: str, dim: int, layer: int, head: int,
@@ -198,14 +197,12 @@ def project_head(url: str, config: ReduceConfig, method: str, dim: int, layer: i
     """One head's joint projection, written and then committed (skipped if committed)."""
     from pipeline.reduce import pick_backend
     from pipeline.reduce.project import reduce_head
-    from pipeline.store import projection_name
-
-    folder, name = projection_name(method, dim, layer, head)
     run = cached_run(url)
-    if run.dir.exists("projections", folder, f"{name}.json"):
+    done = committed_projection(run.dir, method, dim, layer, head)
+    if done is not None and projection_damage(run.dir, done) is None:
         return {"skipped_task": True}
     with _heavy:
-        _hold(f"project-{folder}-{name}")
+        hold(f"project-{method}{dim}d-L{layer:03d}H{head:03d}")
         _configure_threads()
         record = reduce_head(run, method, dim, layer, head, config, pick_backend(config.backend))
     return {"seconds": record["seconds"], "backend": record["backend"], "n_points": record["n_points"],
@@ -214,13 +211,25 @@ def project_head(url: str, config: ReduceConfig, method: str, dim: int, layer: i
 
 def thumbnail(url: str, method: str, dim: int, layer: int, head: int, size: int, *_after) -> str:
     """The matrix view's thumbnail of one projected head (skipped if it exists)."""
-    from pipeline.render import render_thumbnail, thumbnail_name
+    from pipeline.render import render_thumbnail
 
     run = cached_run(url)
-    parts = thumbnail_name(method, dim, layer, head)
-    if run.dir.exists(*parts):
-        return "/".join(parts)
+    if run.thumbnail_png(method, dim, layer, head) is not None:
+        return "exists"
     return render_thumbnail(run, method, dim, layer, head, size=size)
+
+
+def label_regions(url: str, method: str, dim: int, layer: int, head: int, *_after) -> dict:
+    """The labelled regions of one 2-D layout (skipped if stored for its current version)."""
+    from pipeline.regions import commit_regions
+
+    run = cached_run(url)
+    if run.regions(method, dim, layer, head) is not None:
+        return {"skipped_task": True}
+    with _heavy:
+        _configure_threads()
+        regions = commit_regions(run, method, layer, head)
+    return {"regions": len(regions)}
 
 
 def warm_worker(config: ExtractConfig, umap: bool = True) -> float:
@@ -248,26 +257,30 @@ class Todo:
     """The work a run still needs; empty lists mean that stage is complete."""
 
     url: str
-    manifest: dict | None
+    manifest: object | None  # pipeline.store.Manifest
     shards: list[tuple[int, list]] = field(default_factory=list)  # (index, rows) not committed
     parts: int = 0
     extraction_complete: bool = False
     heads: list[tuple[str, int, int, int]] = field(default_factory=list)  # every (method, dim, layer, head)
     projections: list[tuple[str, int, int, int]] = field(default_factory=list)  # not committed
     thumbnails: list[tuple[str, int, int, int]] = field(default_factory=list)  # not rendered
+    head_layers: list[int] = field(default_factory=list)  # layers whose head measurements are not committed
+    regions: list[tuple[str, int, int, int]] = field(default_factory=list)  # 2-D layouts without labelled regions
+    probe: bool = False  # the induction probe is wanted and not committed
 
     @property
     def prepared(self) -> bool:
-        return self.manifest is not None and "shards" in self.manifest.get("extract", {})
+        return self.manifest is not None and self.manifest.extract.shards is not None
 
     @property
     def done(self) -> bool:
-        return self.prepared and self.extraction_complete and not self.projections and not self.thumbnails
+        return (self.prepared and self.extraction_complete and not self.projections and not self.thumbnails
+                and not self.head_layers and not self.probe and not self.regions)
 
 
-def heads_of(manifest: dict, config: ReduceConfig) -> list[tuple[str, int, int, int]]:
+def heads_of(manifest, config: ReduceConfig) -> list[tuple[str, int, int, int]]:
     """Every (method, dim, layer, head) the reduce section asks for, checked against the run."""
-    layers, n_heads = manifest["layers"], manifest["attention"]["n_heads"]
+    layers, n_heads = manifest.layers, manifest.attention.n_heads
     chosen_layers = config.layers if config.layers is not None else layers
     chosen_heads = config.heads if config.heads is not None else list(range(n_heads))
     bad_layers = [layer for layer in chosen_layers if layer not in layers]
@@ -283,34 +296,43 @@ def heads_of(manifest: dict, config: ReduceConfig) -> list[tuple[str, int, int, 
 def pending(config: RunConfig) -> Todo:
     """Read the run directory and list what is not committed yet."""
     from pipeline.extract import ExtractError
-    from pipeline.render import thumbnail_name
-    from pipeline.store import committed_parts, committed_projections, part_name
+    from pipeline.store import check_writable
 
     url = config.extract.out
     run = RunDir(url)
-    if not run.exists("manifest.json"):
+    if run.is_empty_or_missing():
         return Todo(url, None)
-    manifest = run.read_json("manifest.json")
-    if manifest.get("config") != config.extract.model_dump():
+    if not is_run(run):
+        check_writable(run)  # refuses a file or a foreign directory with one line
+        load_manifest(run)  # names what is wrong with the manifest
+    manifest = load_manifest(run)
+    if manifest.config != config.extract:
         raise ExtractError(f"{url} holds a run made with other extract settings; use another extract.out")
     todo = Todo(url, manifest)
-    plan = manifest.get("extract", {})
-    if "shards" not in plan:
+    plan = manifest.extract
+    if plan.shards is None:
         return todo
-    committed = committed_parts(run)
-    todo.parts = plan["parts"]
-    todo.shards = [(index, rows) for index, rows in enumerate(plan["shards"]) if part_name(index) not in committed]
-    todo.extraction_complete = bool(plan.get("complete")) and not todo.shards
+    committed = {name: record for name, record in committed_parts(run).items() if part_damage(run, record) is None}
+    todo.parts = plan.parts
+    todo.shards = [(index, rows) for index, rows in enumerate(plan.shards) if part_name(index) not in committed]
+    todo.extraction_complete = plan.complete and not todo.shards
     todo.heads = heads_of(manifest, config.reduce)
-    projected = committed_projections(run)
+    projected = {task: record for task, record in committed_projections(run).items()
+                 if projection_damage(run, record) is None}
     todo.projections = [task for task in todo.heads if task not in projected]
     if config.workflow.thumbnails:
-        rendered = set()
-        if run.exists("thumbnails"):
-            rendered = {path.rstrip("/").split("/")[-2] + "/" + path.rstrip("/").split("/")[-1]
-                        for path in run.fs.find(run.path("thumbnails"))}
-        todo.thumbnails = [task for task in todo.heads
-                           if "/".join(thumbnail_name(*task)[1:]) not in rendered]
+        todo.thumbnails = [task for task in todo.heads if task not in projected
+                           or not run.exists(*run.thumbnail(*task, projected[task]["token"]))]
+    if config.workflow.regions:
+        todo.regions = [task for task in todo.heads if task[1] == 2 and (
+            task not in projected or not run.exists(*run.regions(*task, projected[task]["token"])))]
+    if config.workflow.measure_heads:
+        measured = committed_head_layers(run)
+        todo.head_layers = [layer for layer in manifest.layers if layer not in measured]
+    causal_text = manifest.model.modality == "text" and manifest.attention.mask_rule == "causal"
+    if config.extract.probe and causal_text:
+        probe = run.probe()
+        todo.probe = not (is_run(probe) and load_manifest(probe).extract.complete)
     return todo
 
 
@@ -336,8 +358,8 @@ def submit_graph(client, config: RunConfig, todo: Todo) -> dict[str, list]:
     with the finishing task between them; returns {stage: [(label, future)]}."""
     token = uuid.uuid4().hex[:8]
     url = config.extract.out
-    create_groups(url, sorted({f"{method}{dim}d" for method, dim, _, _ in todo.projections}))
-    stages: dict[str, list] = {"extract": [], "finish": [], "project": [], "thumbnail": []}
+    stages: dict[str, list] = {"extract": [], "probe": [], "finish": [], "project": [], "thumbnail": [], "regions": [],
+                               "heads": []}
     for index, rows in todo.shards:
         future = client.submit(extract_shard, config.extract, index, rows, key=_key("extract", token, index),
                                pure=False)
@@ -348,6 +370,15 @@ def submit_graph(client, config: RunConfig, todo: Todo) -> dict[str, list]:
                                key=_key("finish", token), pure=False)
         stages["finish"].append(("finish", finish))
         after = [finish]
+    if todo.probe:
+        probe = client.submit(extract_probe, config.extract, key=_key("probe", token), pure=False)
+        stages["probe"].append(("probe", probe))
+        after_probe = [*after, probe]
+    else:
+        after_probe = after
+    for layer in todo.head_layers:
+        future = client.submit(measure_layer, url, layer, *after_probe, key=_key("heads", token, layer), pure=False)
+        stages["heads"].append((f"L{layer}", future))
     projections = {}
     for task in todo.projections:
         projections[task] = client.submit(project_head, url, config.reduce, *task, *after,
@@ -360,6 +391,10 @@ def submit_graph(client, config: RunConfig, todo: Todo) -> dict[str, list]:
                 future = client.submit(thumbnail, url, *task, config.workflow.thumbnail_size, *depends,
                                        key=_key("thumbnail", token, *task), pure=False)
                 stages["thumbnail"].append((_label(task), future))
+    for task in todo.regions:
+        depends = [projections[task]] if task in projections else after
+        future = client.submit(label_regions, url, *task, *depends, key=_key("regions", token, *task), pure=False)
+        stages["regions"].append((_label(task), future))
     return stages
 
 

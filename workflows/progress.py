@@ -29,3 +29,34 @@ def extraction_progress(total_sequences: int | None, label: str = "extracting"):
             bar.update(task, advance=n_sequences, tokens=tokens, rate=rate)
 
         yield on_batch
+
+
+@contextlib.contextmanager
+def stage_bar(label: str, total: int, every: float = 30.0):
+    """Yield `advance(n=1)`. On a terminal, a rich bar; otherwise (a cron or SLURM log) a plain line
+    `label: done/total, rate/s, ETA` at most every `every` seconds and once at the end."""
+    began = time.perf_counter()
+    if console.is_terminal:
+        columns = [SpinnerColumn(), TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n=1: bar.update(task, advance=n)
+        return
+    state = {"done": 0, "printed": began}
+
+    def line() -> None:
+        elapsed = time.perf_counter() - began
+        rate = state["done"] / max(elapsed, 1e-9)
+        eta = (total - state["done"]) / rate if rate > 0 else float("nan")
+        console.print(f"{label}: {state['done']}/{total}  {rate:.2f}/s  elapsed {elapsed:.0f} s  ETA {eta:.0f} s",
+                      highlight=False, soft_wrap=True)
+
+    def advance(n: int = 1) -> None:
+        state["done"] += n
+        if time.perf_counter() - state["printed"] >= every:
+            state["printed"] = time.perf_counter()
+            line()
+
+    yield advance
+    line()

@@ -39,7 +39,8 @@ def stage_progress(stages: dict):
     from workflows.progress import console
 
     titles = {"extract": "extracting shards", "finish": "finishing extraction", "project": "projecting heads",
-              "thumbnail": "rendering thumbnails"}
+              "thumbnail": "rendering thumbnails", "heads": "measuring heads", "probe": "extracting probe",
+              "regions": "labelling regions"}
     columns = [TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[last]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console) as bar:
@@ -58,20 +59,24 @@ def stage_progress(stages: dict):
 def execute(config, client, show_progress: bool = True):
     """Prepare the run if needed, then submit and wait for everything not committed.
     Returns (todo before the graph ran, outcome)."""
+    from pipeline.store import collect_garbage, recover, writing
     from workflows.graph import pending, prepare, run_graph, submit_graph
 
-    todo = pending(config)
-    if not todo.prepared:
-        shards = config.workflow.shards or max(2, 2 * len(client.nthreads()))
-        key = f"qkatlas_prepare-{os.getpid()}-{time.time_ns()}"
-        client.submit(prepare, config.extract, shards, key=key, pure=False).result()
+    with writing(config.extract.out, "qkatlas run") as run:
+        recover(run)
         todo = pending(config)
-    stages = submit_graph(client, config, todo)
-    if show_progress:
-        with stage_progress(stages) as on_done:
-            outcome = run_graph(client, stages, on_done)
-    else:
-        outcome = run_graph(client, stages)
+        if not todo.prepared:
+            shards = config.workflow.shards or max(2, 2 * len(client.nthreads()))
+            key = f"qkatlas_prepare-{os.getpid()}-{time.time_ns()}"
+            client.submit(prepare, config.extract, shards, key=key, pure=False).result()
+            todo = pending(config)
+        collect_garbage(run)  # versions left by writers that crashed; nothing runs now
+        stages = submit_graph(client, config, todo)
+        if show_progress:
+            with stage_progress(stages) as on_done:
+                outcome = run_graph(client, stages, on_done)
+        else:
+            outcome = run_graph(client, stages)
     return todo, outcome
 
 
@@ -135,6 +140,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                  f"{len(before.heads) - len(before.projections)} already committed (of {len(before.heads)})"]
         if settings.workflow.thumbnails:
             lines.append(f"  thumbnails   {counts['thumbnail_done']} rendered")
+        if settings.workflow.measure_heads:
+            lines.append(f"  head atlas   {counts['heads_done']} layers measured, "
+                         f"{counts['heads_skipped']} already committed")
         lines.append(f"  time         {elapsed:.1f} s")
         if outcome.errors:
             console.print("[bold red]failed[/] " + settings.extract.out + "\n" + "\n".join(lines))

@@ -190,19 +190,25 @@ def reduce_head(run, method: str, dim: int, layer: int, head: int, config: Reduc
 
 
 def reduce_run(run_url: str, config: ReduceConfig, overwrite: bool = False, on_head=None) -> dict:
-    """Project every selected head not already committed; returns counts and timings."""
+    """Project every selected head not already committed (or whose projection is damaged);
+    returns counts and timings. Holds the run's write lock."""
     from pipeline.reduce import pick_backend
-    from pipeline.store import committed_projections, open_run
+    from pipeline.regions import commit_regions
+    from pipeline.store import open_run, projection_damage, writing
 
-    run = open_run(run_url)
-    backend = pick_backend(config.backend)
-    tasks = head_tasks(run, config)
-    done = {} if overwrite else committed_projections(run.dir)
-    todo = [task for task in tasks if task not in done]
-    began = time.perf_counter()
-    for task in todo:
-        record = reduce_head(run, *task, config, backend)
-        if on_head is not None:
-            on_head(task, record)
+    with writing(run_url, "qkatlas reduce"):
+        run = open_run(run_url)
+        backend = pick_backend(config.backend)
+        tasks = head_tasks(run, config)
+        done = {} if overwrite else {task: record for task, record in run.projection_records().items()
+                                     if projection_damage(run.dir, record) is None}
+        todo = [task for task in tasks if task not in done]
+        began = time.perf_counter()
+        for task in todo:
+            record = reduce_head(run, *task, config, backend)
+            if task[1] == 2:
+                commit_regions(run, task[0], task[2], task[3])
+            if on_head is not None:
+                on_head(task, record)
     return {"backend": backend.name, "tasks": len(tasks), "done_before": len(tasks) - len(todo),
             "projected": len(todo), "seconds": round(time.perf_counter() - began, 3)}

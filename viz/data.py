@@ -9,15 +9,19 @@ blends their colours by count.
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import re2
 
+from pipeline.errors import QkatlasError
 from pipeline.render import KEY_COLOUR, QUERY_COLOUR
 
 # --- colour modes ------------------------------------------------------------------------
@@ -122,19 +126,79 @@ def clean_tokens(tokens: pd.Series) -> pd.Series:
 
 # --- search ------------------------------------------------------------------------------
 
+MAX_PATTERN_CHARS = 200
+SEARCH_SECONDS = 1.0  # a search that has not finished by then stops and says so
+_MATCH_CHUNK = 4096  # distinct tokens matched between two looks at the clock
 
-def search_tokens(tokens: pd.DataFrame, query: str) -> np.ndarray:
+
+class SearchError(QkatlasError, ValueError):
+    """A search that cannot run (a pattern RE2 refuses, too long, too slow); the dashboard shows
+    the message where the count would be."""
+
+
+@dataclass(frozen=True)
+class TokenVocabulary:
+    """The distinct search forms of a run's tokens (lower case, sub-word marker removed) and,
+    per token, the index of its form: a search tests each form once, not every token."""
+
+    forms: np.ndarray  # object [n_forms]
+    form_of_token: np.ndarray  # int64 [n_tokens]
+
+
+def token_vocabulary(tokens: pd.DataFrame) -> TokenVocabulary:
+    form_of_token, forms = pd.factorize(clean_tokens(tokens["token"]).str.lower())
+    return TokenVocabulary(np.asarray(forms, dtype=object), form_of_token.astype(np.int64))
+
+
+def compile_pattern(pattern: str):
+    """An RE2 pattern (linear time in the text: no catastrophic backtracking), case-insensitive;
+    SearchError with RE2's reason for one it refuses."""
+    if not pattern:
+        raise SearchError("re: needs a pattern after it, e.g. re:^un.* or re:[0-9]+")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise SearchError(f"re: pattern of {len(pattern)} characters; at most {MAX_PATTERN_CHARS}")
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    options.never_capture = True
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as error:
+        reason = error.args[0].decode("utf-8", "replace") if error.args and isinstance(error.args[0], bytes) \
+            else str(error)
+        raise SearchError(f"re:{pattern} is not a pattern RE2 accepts ({reason}); RE2 has no backreferences "
+                          "or look-around") from None
+
+
+def _pattern_hits(forms: np.ndarray, pattern: str, time_limit: float) -> np.ndarray:
+    """bool [n_forms]: which forms the whole pattern matches."""
+    compiled = compile_pattern(pattern)
+    deadline = time.perf_counter() + time_limit
+    hits = np.zeros(len(forms), dtype=bool)
+    for start in range(0, len(forms), _MATCH_CHUNK):
+        chunk = forms[start:start + _MATCH_CHUNK]
+        hits[start:start + len(chunk)] = [compiled.fullmatch(form) is not None for form in chunk]
+        if time.perf_counter() > deadline and start + _MATCH_CHUNK < len(forms):
+            raise SearchError(f"re:{pattern} stopped after {time_limit:g} s on {len(forms):,} distinct tokens; "
+                              "make it more specific")
+    return hits
+
+
+def search_tokens(tokens: pd.DataFrame, query: str, vocabulary: TokenVocabulary | None = None,
+                  time_limit: float = SEARCH_SECONDS) -> np.ndarray:
     """Token indices (store order) whose token matches `query`: case-insensitive, ignoring
-    sub-word markers (`##`, `Ġ`, `▁`); `"re:..."` is a regular expression. Empty: none."""
+    sub-word markers (`##`, `Ġ`, `▁`); `"re:..."` is an RE2 regular expression that must match
+    the whole token. Empty: none. `vocabulary` (`token_vocabulary(tokens)`) saves rebuilding it.
+    Raises SearchError for a pattern that cannot run."""
     query = (query or "").strip()
     if not query:
         return np.zeros(0, dtype=np.int64)
-    cleaned = clean_tokens(tokens["token"]).str.lower()
+    vocabulary = vocabulary if vocabulary is not None else token_vocabulary(tokens)
     if query.startswith("re:"):
-        mask = cleaned.str.fullmatch(query[3:], case=False)
+        hits = _pattern_hits(vocabulary.forms, query[3:], time_limit)
     else:
-        mask = cleaned == query.lower().lstrip("#")
-    return np.flatnonzero(mask.to_numpy())
+        hits = vocabulary.forms == query.lower().lstrip("#")
+    return np.flatnonzero(hits[vocabulary.form_of_token])
 
 
 # --- points, hover, selection ------------------------------------------------------------
@@ -318,6 +382,11 @@ class RunData:
     def dims(self, method: str) -> list[int]:
         return sorted(d for m, d in self.available if m == method)
 
+    @functools.cached_property
+    def vocabulary(self) -> TokenVocabulary:
+        """The run's search forms, built on first use (or by the server's warm-up)."""
+        return token_vocabulary(self.tokens)
+
     def has(self, method: str, dim: int, layer: int, head: int) -> bool:
         return (layer, head) in self.available.get((method, dim), set())
 
@@ -397,7 +466,7 @@ class RunData:
                 return self._images[seq_id]
         from PIL import Image
 
-        spec = str(self.run.manifest["config"]["data"])
+        spec = str(self.run.manifest.config.data)
         row = self.sequences.loc[self.sequences["seq_id"] == seq_id]
         if row.empty:
             raise KeyError(f"no sequence {seq_id} in this run")

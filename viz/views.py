@@ -18,6 +18,8 @@ from bokeh.core.validation.warnings import FIXED_SIZING_MODE
 
 from viz.data import (KEY_COLOUR, QUERY_COLOUR, SELECTED_COLOUR, RunData, colour_modes, export_bytes, pick_point,
                       point_info, points_in_box, points_in_lasso, search_tokens, selection_frame, top_keys, url_state)
+from viz.heads_view import HeadAtlas
+from viz.labels import labels_element, region_frame, visible_labels
 from viz.raster import HeadRaster, shade_thumbnail
 
 # The matrix mosaic is sized by its frame (frame_width/height, so that every thumbnail gets
@@ -42,16 +44,12 @@ def thumbnail(data: RunData, method: str, dim: int, layer: int, head: int, mode:
     if key in data.thumbnails:
         return data.thumbnails[key]
     image = None
-    if mode == "query / key":
-        from pipeline.render import thumbnail_name
+    png = data.run.thumbnail_png(method, dim, layer, head) if mode == "query / key" else None
+    if png is not None:
+        from PIL import Image
 
-        parts = thumbnail_name(method, dim, layer, head)
-        if data.run.dir.exists(*parts):
-            from PIL import Image
-
-            with data.run.dir.fs.open(data.run.dir.path(*parts), "rb") as handle:
-                picture = Image.open(io.BytesIO(handle.read())).convert("RGBA").resize((size, size))
-            image = np.asarray(picture, dtype=np.uint8)
+        picture = Image.open(io.BytesIO(png)).convert("RGBA").resize((size, size))
+        image = np.asarray(picture, dtype=np.uint8)
     if image is None:
         image = shade_thumbnail(data.coords(method, dim, layer, head), data.colouring(mode, layer, head), size)
     data.thumbnails[key] = image
@@ -175,7 +173,7 @@ class Dashboard(param.Parameterized):
             raise ValueError(f"{run.dir.url} has no projections; run: qkatlas reduce {run.dir.url} --method umap,pca")
         self.image_run = run.modality == "image"
         if self.image_run:
-            side = run.manifest["model"].get("patch_grid")
+            side = run.manifest.model.patch_grid
             tokens = data.tokens
             self.grid = int(side) if side else int(tokens["patch_row"].max()) + 1
             self.prefix = int((tokens["patch_row"] < 0).groupby(tokens["seq_id"]).sum().iloc[0])
@@ -218,6 +216,9 @@ class Dashboard(param.Parameterized):
             width=PLOT_W, height=PLOT_H, tools=["box_select", "lasso_select"],
             active_tools=["pan", "wheel_zoom"], framewise=True, shared_axes=False, xaxis=None, yaxis=None, toolbar="above"))
         self.marks_dmap = hv.DynamicMap(self._marks, streams=[self.mark_state])
+        self.labels_w = pn.widgets.Checkbox(name="labels", value=True, width=80, css_classes=["qk-labels-toggle"])
+        self.labels_dmap = hv.DynamicMap(self._region_labels, streams=[
+            self.head_state, self.range_stream, self.size_stream, self.labels_w.param.value])
         tap = hv.streams.Tap(source=self.raster_dmap)
         tap.add_subscriber(self._on_tap)
         pointer = hv.streams.PointerXY(source=self.raster_dmap)
@@ -227,7 +228,7 @@ class Dashboard(param.Parameterized):
         lasso = hv.streams.Lasso(source=self.raster_dmap)
         lasso.add_subscriber(lambda geometry=None, **_: self._on_select(polygon=geometry))
         self._streams = (tap, pointer, box, lasso)
-        self.head_plot = pn.pane.HoloViews(self.raster_dmap * self.marks_dmap, css_classes=["qk-head-plot"])
+        self.head_plot = pn.pane.HoloViews(self.raster_dmap * self.labels_dmap * self.marks_dmap, css_classes=["qk-head-plot"])
         self.plot3d = pn.pane.Plotly(None, visible=False, width=PLOT_W, height=PLOT_H, css_classes=["qk-plot3d"])
         self.legend = pn.pane.HTML("", css_classes=["qk-legend"])
         self.hover_pane = pn.pane.HTML('<i>hover a point</i>', css_classes=["qk-hover"], width=PLOT_W, height=48)
@@ -253,16 +254,20 @@ class Dashboard(param.Parameterized):
         matrix_tap.add_subscriber(self._on_matrix_tap)
         self._matrix_tap = matrix_tap
         self.matrix_boxes = hv.DynamicMap(self._matrix_boxes, streams=[self.matrix_state])
-        self.matrix_pane = pn.pane.HoloViews(self.matrix_dmap * self.matrix_boxes, css_classes=["qk-matrix"])
+        self.atlas = HeadAtlas(self)
+        self.matrix_marks = hv.DynamicMap(self.atlas.matrix_marks, streams=[self.matrix_state])
+        self.matrix_pane = pn.pane.HoloViews(self.matrix_dmap * self.matrix_marks * self.matrix_boxes,
+                                             css_classes=["qk-matrix"])
         self.matrix_caption = pn.pane.HTML("", css_classes=["qk-matrix-caption"])
 
         self.tabs = pn.Tabs(("Matrix", pn.Column(
-            self.matrix_caption, self.matrix_pane)), ("Head", pn.Row(
-                pn.Column(self.title, self.legend, self.head_plot, self.plot3d, self.hover_pane,
+            self.matrix_caption, self.atlas.matrix_controls(), self.matrix_pane)), ("Head", pn.Row(
+                pn.Column(self.title, pn.Row(self.legend, self.labels_w), self.head_plot, self.plot3d, self.hover_pane,
                           self.selection_info, pn.Row(self.csv_button, self.parquet_button), self.table),
                 pn.Column(pn.pane.HTML("<b>Sequence</b>"), self.sequence_info, self.image_pane, self.sequence_pane),
-                pn.Column(pn.pane.HTML("<b>Heads most like this one</b> (attention on shared sequences)"),
-                          self.similar_pane))), dynamic=False)
+                pn.Column(self.atlas.head_panel(),
+                          pn.pane.HTML("<b>Heads most like this one</b> (attention on shared sequences)"),
+                          self.similar_pane))), ("Heads", self.atlas.heads_tab()), dynamic=False)
         self.controls = pn.Row(self.method_w, self.dim_w, self.layer_w, self.head_w, self.colour_w, self.search_w,
                                self.count_pane)
         for widget in (self.method_w, self.dim_w, self.layer_w, self.head_w, self.colour_w):
@@ -278,7 +283,7 @@ class Dashboard(param.Parameterized):
     def panel(self):
         run = self.data.run
         header = pn.pane.HTML(
-            f'<div style="font-size:15px"><b>qkatlas</b> — {html.escape(str(run.manifest["model"]["id"]))}, '
+            f'<div style="font-size:15px"><b>qkatlas</b> — {html.escape(run.model_id)}, '
             f'{run.n_layers} layers × {run.n_heads} heads, {self.data.n:,} tokens '
             f'({2 * self.data.n:,} points per head)</div>', css_classes=["qk-header"])
         return pn.Column(header, self.controls, self.message, self.tabs, sizing_mode="stretch_width")
@@ -303,12 +308,19 @@ class Dashboard(param.Parameterized):
         self._load_head()
 
     def _on_search(self, event):
-        self.matches = search_tokens(self.data.tokens, event.new)
-        if event.new.strip():
-            self.count_pane.object = (f'<span class="qk-count">{len(self.matches):,} matches</span> '
-                                      f'({2 * len(self.matches):,} points in every head)')
+        """Linear-time (RE2) and time-limited; on a server it runs on Panel's thread pool, off the
+        event loop. A pattern that cannot run is reported where the count goes."""
+        from viz.data import SearchError
+
+        try:
+            self.matches = search_tokens(self.data.tokens, event.new, self.data.vocabulary)
+        except SearchError as error:
+            self.matches = np.zeros(0, dtype=np.int64)
+            self.count_pane.object = (f'<span class="qk-search-error" style="color:#b00">'
+                                      f'{html.escape(str(error))}</span>')
         else:
-            self.count_pane.object = ""
+            self.count_pane.object = (f'<span class="qk-count">{len(self.matches):,} matches</span> '
+                                      f'({2 * len(self.matches):,} points in every head)' if event.new.strip() else "")
         self._load_head(keep_range=True)
         self.matrix_state.event(version=self.matrix_state.version + 1)
 
@@ -338,6 +350,7 @@ class Dashboard(param.Parameterized):
             self.head_state.event(version=self.head_state.version + 1)
             self.mark_state.event(version=self.mark_state.version + 1)
         self._show_similar(layer, head)
+        self.atlas.show_head(layer, head)
 
     def _figure_3d(self, coords, colouring, highlight):
         import plotly.graph_objects as go
@@ -397,6 +410,16 @@ class Dashboard(param.Parameterized):
         self.selected_point = point
         self._show_sequence()
         self.mark_state.event(version=self.mark_state.version + 1)
+
+    def _region_labels(self, **_):
+        """The names of the head's regions in the raster's current range (`viz.labels`)."""
+        method, dim, layer, head = self.method_w.value, self.dim_w.value, self.layer_w.value, self.head_w.value
+        if self.raster is None or dim == 3 or not self.labels_w.value or not self.data.has(method, dim, layer, head):
+            return labels_element(visible_labels(None, None, None, PLOT_W, PLOT_H))
+        x_range, y_range, width, height = self.view_range
+        regions = region_frame(self.data, method, dim, layer, head)
+        return labels_element(visible_labels(regions, x_range or self.raster.x_full, y_range or self.raster.y_full,
+                                             width, height))
 
     def _marks(self, version=0, **_):
         """Overlay on the projection: the hovered point with its token, the selected point, its
@@ -501,15 +524,21 @@ class Dashboard(param.Parameterized):
             self.layer_w.value, self.head_w.value = layer, head
         self.tabs.active = 1
 
+    def open_sequence(self, seq_id: int, pos: int):
+        """Select query `pos` of sequence `seq_id` in the open head and show the sequence view."""
+        self.selected_point = self.data.token_offset(seq_id) + pos
+        self._show_sequence()
+        self.mark_state.event(version=self.mark_state.version + 1)
+
     # matrix view -----------------------------------------------------------------------
     def _matrix_element(self, version=0, **_):
         method, dim, mode = self.method_w.value, self.dim_w.value, self.colour_w.value
-        image = mosaic(self.data, method, dim, mode)
+        image = self.atlas.arrange(mosaic(self.data, method, dim, mode), THUMB + 4)
         layers, n_heads = self.data.run.layers, self.data.run.n_heads
         n_layers = len(layers)
         rgb = hv.RGB(image, bounds=(0, 0, n_heads, n_layers), kdims=["head", "layer"]).opts(shared_axes=False, 
             frame_width=n_heads * (THUMB + 4), frame_height=n_layers * (THUMB + 4),
-            xticks=[(h + 0.5, f"H{h}") for h in range(n_heads)],
+            xticks=self.atlas.column_ticks(n_heads),
             yticks=[(n_layers - r - 0.5, f"L{layer}") for r, layer in enumerate(layers)],
             xlabel="", ylabel="", toolbar=None, default_tools=[], tools=["tap"], xaxis="top", title=f"{method} {dim}-D · {mode}")
         return rgb.opts(xlim=(0, n_heads), ylim=(0, n_layers))
@@ -520,7 +549,8 @@ class Dashboard(param.Parameterized):
         rows = []
         if current[0] in layers:
             r = layers.index(current[0])
-            rows.append((current[1], n_layers - r - 1, current[1] + 1, n_layers - r, "selected"))
+            c = self.atlas.column_of(r, current[1])
+            rows.append((c, n_layers - r - 1, c + 1, n_layers - r, "selected"))
         boxes = hv.Rectangles(rows, kdims=["head", "layer", "head1", "layer1"], vdims=["role"]).opts(fill_alpha=0, line_color=SELECTED_COLOUR, line_width=3)
         return boxes
 
@@ -539,7 +569,7 @@ class Dashboard(param.Parameterized):
         layers = self.data.run.layers
         col, row = int(np.floor(x)), len(layers) - 1 - int(np.floor(y))
         if 0 <= col < self.data.run.n_heads and 0 <= row < len(layers):
-            self.open_head(layers[row], col)
+            self.open_head(layers[row], self.atlas.head_at(row, col))
             self.matrix_state.event(version=self.matrix_state.version + 1)
 
 

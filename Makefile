@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("qkatlas needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -32,6 +32,14 @@ bench: $(STAMP)
 	$(BIN)/qkatlas bench reduce
 	$(BIN)/qkatlas bench scale
 	$(BIN)/qkatlas bench serve
+
+# on a CUDA machine: extraction on cuda vs cpu, CuPy and cuML paths vs the CPU's; report in
+# $(GPU_CHECK_OUT)/gpu_check.json. Without this .venv (a bare GPU image): GPU_CHECK_PYTHON=python3,
+# after scripts/gpu_wheels.sh's wheels are installed (see that script).
+GPU_CHECK_PYTHON ?= $(BIN)/python
+GPU_CHECK_OUT ?= test-artifacts/gpu-check
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_CHECK_PYTHON)),$(STAMP))
+	PYTHONUNBUFFERED=1 $(GPU_CHECK_PYTHON) -m workflows.gpu_check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

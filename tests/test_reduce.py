@@ -183,7 +183,11 @@ def test_reduce_cli(small_run, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method,dim", [("pca", 2), ("umap", 2), ("umap", 3), ("tsne", 2), ("tsne", 3)])
 def test_gpu_backend_projects_with_cuml(small_run, tmp_path, method, dim):
-    gpu = load_backend("gpu")  # skipped by conftest without CUDA
+    from pipeline.reduce import gpu as gpu_module
+
+    if gpu_module.available() is not None:
+        pytest.skip(f"GPU backend unavailable: {gpu_module.available()}")
+    gpu = load_backend("gpu")
     run = open_run(small_run)
     points, _ = head_points(run.queries(1, 0), run.keys(1, 0), ReduceConfig())
     coords, record = project_points(points, method, dim, ReduceConfig(tsne={"perplexity": 10, "n_iter": 300}), gpu)

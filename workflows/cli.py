@@ -275,6 +275,16 @@ def heads(run: str = typer.Argument(..., help="run directory or URL"),
             console.print(f"  top {label:<16} {heads_text}", highlight=False)
 
 
+@bench_app.command("heads")
+def bench_heads(run: Optional[str] = typer.Option(None, help="run to measure [a cached demo:minilm run of demo:wiki]"),
+                limit: Optional[int] = typer.Option(None, help="sentences of demo:wiki for the cached run [all]"),
+                threads: int = typer.Option(1, help="torch threads (1 is steadiest on a shared 2-core machine)")) -> None:
+    """Measuring every head of a run (the head atlas) vs only reading the same Q/K, in one process."""
+    from workflows.heads_bench import bench_heads as run_bench
+
+    run_bench(run, limit, threads)
+
+
 @bench_app.command("extract")
 def bench_extract(
     model: str = typer.Option("demo:minilm", help="model to benchmark"),
@@ -313,10 +323,11 @@ def bench_reduce(
     run_bench(run, layer, head, points)
 
 
-from workflows import run_cli, serve_cli  # noqa: E402  (commands kept in their own modules)
+from workflows import run_cli, serve_cli, status_cli  # noqa: E402  (commands kept in their own modules)
 
 run_cli.register(app, bench_app)
 serve_cli.register(app, bench_app)
+status_cli.register(app, bench_app)
 
 
 def main() -> None:

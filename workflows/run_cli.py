@@ -36,11 +36,15 @@ def stage_progress(stages: dict):
     """A rich progress bar per stage; yields the `on_done(stage, label, result)` callback."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from workflows.progress import console
+    from workflows.progress import console, stage_lines
 
     titles = {"extract": "extracting shards", "finish": "finishing extraction", "project": "projecting heads",
               "thumbnail": "rendering thumbnails", "heads": "measuring heads", "probe": "extracting probe",
               "regions": "labelling regions"}
+    if not console.is_terminal:  # a log (cron, SLURM): plain stage lines at least every 30 s
+        with stage_lines({stage: (titles[stage], len(items)) for stage, items in stages.items() if items}) as on_done:
+            yield on_done
+        return
     columns = [TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[last]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console) as bar:
@@ -142,7 +146,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             lines.append(f"  thumbnails   {counts['thumbnail_done']} rendered")
         if settings.workflow.measure_heads:
             lines.append(f"  head atlas   {counts['heads_done']} layers measured, "
-                         f"{counts['heads_skipped']} already committed")
+                         f"{len(before.manifest.layers) - len(before.head_layers) if before.manifest else 0} already committed")
         lines.append(f"  time         {elapsed:.1f} s")
         if outcome.errors:
             console.print("[bold red]failed[/] " + settings.extract.out + "\n" + "\n".join(lines))

@@ -259,6 +259,19 @@ def validate(raw: dict, source: str = "configuration") -> RunConfig:
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Read a YAML run file; `overrides` (from flags) replace keys of its `extract` section."""
     path = Path(path)
+    raw = _read_mapping(path)
+    if "group" in raw:
+        raise ConfigError(f"{path} is a group file (it has a 'group' section); run it with: qkatlas compare-run {path}")
+    if overrides:
+        section = raw.setdefault("extract", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: 'extract' must be a mapping")
+        section.update({key: value for key, value in overrides.items() if value is not None})
+    return validate(raw, str(path))
+
+
+def _read_mapping(path: Path) -> dict:
+    """The YAML mapping in `path`; one-line errors for a missing, unreadable or malformed file."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -272,9 +285,99 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
-    if overrides:
-        section = raw.setdefault("extract", {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: 'extract' must be a mapping")
-        section.update({key: value for key, value in overrides.items() if value is not None})
-    return validate(raw, str(path))
+    return raw
+
+
+# --- groups of runs over one corpus (`qkatlas compare-run`) ----------------------------------
+
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class GroupMember(_Strict):
+    """One run of a group: a checkpoint or a model."""
+
+    name: str = Field(description="the member's run folder in the group directory (letters, digits, . _ -)")
+    model: str = Field(description="what `extract.model` takes: a save_pretrained folder, a hub id, demo:NAME")
+    step: int | None = Field(None, ge=0, description="training step of a checkpoint (the trajectories' x axis)")
+    extract: dict = Field(default_factory=dict, description="extract keys for this member only, e.g. layers")
+
+    @field_validator("name")
+    @classmethod
+    def _name_valid(cls, value):
+        if not _MEMBER_NAME.match(value):
+            raise ValueError(f"member names are 1-64 letters, digits, '.', '_' or '-', got {value!r}")
+        return value
+
+
+class AlignConfig(_Strict):
+    """Aligned layouts of an ordered group: member t's layout of a head starts from member
+    t-1's and is rotated, scaled and translated onto it (orthogonal Procrustes on shared tokens)."""
+
+    method: Literal["umap", "pca"] = "umap"
+    dim: Literal[2, 3] = 2
+    layers: list[int] | None = None
+    heads: list[int] | None = None
+    epochs: int = Field(200, ge=10, description="UMAP epochs of a member started from the previous layout")
+
+    @field_validator("layers", "heads", mode="before")
+    @classmethod
+    def _parse_list(cls, value):
+        return ExtractConfig._parse_layers(value)
+
+
+class GroupSection(_Strict):
+    out: str = Field(description="group directory (a local path or an fsspec URL); member runs go in OUT/NAME")
+    ordered: bool = Field(True, description="members form a sequence (checkpoints): layouts are aligned in order")
+    members: list[GroupMember] = Field(min_length=2)
+    align: AlignConfig | None = Field(default_factory=AlignConfig, description="null: no aligned layouts")
+
+    @field_validator("members")
+    @classmethod
+    def _names_unique(cls, value):
+        names = [member.name for member in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"member names repeat: {repeated}")
+        return value
+
+
+class GroupConfig(_Strict):
+    """A group file (`configs/groups/*.yaml`): several models over one corpus. `extract` holds
+    every extract key but `model` and `out`, which each member supplies."""
+
+    group: GroupSection
+    extract: dict = Field(default_factory=dict)
+    reduce: ReduceConfig = Field(default_factory=ReduceConfig)
+    cluster: ClusterConfig = Field(default_factory=LocalClusterConfig)
+    workflow: WorkflowConfig = Field(default_factory=WorkflowConfig)
+
+    _cluster_shorthand = field_validator("cluster", mode="before")(RunConfig._cluster_shorthand.__func__)
+
+    @field_validator("extract")
+    @classmethod
+    def _no_member_keys(cls, value):
+        taken = sorted({"model", "out"} & set(value))
+        if taken:
+            raise ValueError(f"{', '.join(taken)} belong to each member (group.members), not to the shared extract")
+        return value
+
+    def member_config(self, member: GroupMember, out: str) -> RunConfig:
+        """The run file of one member, its run written to `out` (the group store names it)."""
+        raw = self.model_dump(exclude={"group"})
+        raw["extract"] = {**self.extract, **member.extract, "model": member.model, "out": out}
+        return validate(raw, f"group member {member.name!r}")
+
+
+def load_group_config(path: str | Path, out: str | None = None) -> GroupConfig:
+    """Read a group file; `out` replaces `group.out`. Every member's run config is checked too."""
+    path = Path(path)
+    raw = _read_mapping(path)
+    if out is not None and isinstance(raw.get("group"), dict):
+        raw["group"]["out"] = out
+    try:
+        config = GroupConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, str(path))) from None
+    for member in config.group.members:
+        config.member_config(member, config.group.out)
+    return config

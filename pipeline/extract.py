@@ -22,7 +22,7 @@ import torch
 
 from pipeline.config import ExtractConfig
 from pipeline.models import LoadedModel, capturing, load_model
-from pipeline.sources import Sequence, open_source
+from pipeline.sources import Sequence, check_modality, open_source
 from pipeline.errors import QkatlasError
 from pipeline.hooks import hold
 from pipeline.store import (AttentionRules, Manifest, ModelInfo, PartWriter, RunDir, StoreError, VectorSpec,
@@ -217,8 +217,10 @@ def run_manifest(config: ExtractConfig, loaded: LoadedModel) -> Manifest:
                      "before the scale"))
 
 
-def check_source(config: ExtractConfig) -> None:
-    """Read the source's first usable sequence, so that a bad --data fails before anything is written."""
+def check_source(config: ExtractConfig, loaded: LoadedModel) -> None:
+    """Check that the model can read the source and read its first usable sequence, so that a
+    bad --data fails before anything is written."""
+    check_modality(config.data, loaded.modality, config.model)
     for _ in open_source(config.data, config.text_column, Counter()):
         return
     raise ExtractError(f"no usable sequences in {config.data}")
@@ -345,7 +347,7 @@ def extract(config: ExtractConfig, overwrite: bool = False, progress: Callable |
         hold("extract-locked")
         recover(target)
         loaded = loaded or load_model(config.model, config.device, config.max_length)
-        check_source(config)
+        check_source(config, loaded)
         replacing = overwrite and not target.is_empty_or_missing()
         if replacing and not is_run(target):
             raise StoreError(f"{config.out} is not a qkatlas run; --overwrite replaces only runs (choose a new --out)")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.attention import attention_weights
+from pipeline.errors import QkatlasError
 
 CAPTURE_IMPLEMENTATION = "qkatlas"
 DEMO_MODELS = ("demo:minilm", "demo:smollm2")
@@ -31,7 +32,7 @@ UNSUPPORTED_KWARGS = {"position_bias": "a relative position bias", "softcap": "a
                       "s_aux": "attention sinks", "sinks": "attention sinks", "alibi": "ALiBi position biases"}
 
 
-class ModelError(ValueError):
+class ModelError(QkatlasError, ValueError):
     """A model that cannot be loaded, or whose attention qkatlas cannot reproduce."""
 
 
@@ -186,7 +187,7 @@ def _smollm2_cache() -> Path:
 
 def load_model(model: str, device: str = "auto", max_length: int | None = None) -> LoadedModel:
     """Load `model`, switch it to the capture point, and verify the capture with the probe."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     path, extra = resolve_model_path(model)
     try:
@@ -199,7 +200,8 @@ def load_model(model: str, device: str = "auto", max_length: int | None = None) 
     torch_device = pick_device(device)
     _register_capture()
     try:
-        network = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32, **extra)
+        network = _network_class(architecture).from_pretrained(path, attn_implementation="eager",
+                                                                dtype=torch.float32, **extra)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {model!r}: {error}") from None
     network.eval().to(torch_device)
@@ -210,7 +212,11 @@ def load_model(model: str, device: str = "auto", max_length: int | None = None) 
     if modality == "text":
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        except (OSError, ValueError, TypeError) as error:
+            raise ModelError(f"cannot load the tokenizer of {model}: {_first_line(error)}; save it beside the "
+                             "model (tokenizer.save_pretrained)") from None
         tokenizer.padding_side = "right"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -241,6 +247,20 @@ def load_model(model: str, device: str = "auto", max_length: int | None = None) 
     return loaded
 
 
+def _network_class(architecture: str):
+    """AutoModel, except for an encoder-only class of an encoder-decoder family (T5EncoderModel,
+    MT5EncoderModel, ...): AutoModel would load the whole encoder-decoder from its config."""
+    import transformers
+
+    if architecture.endswith("EncoderModel") and hasattr(transformers, architecture):
+        return getattr(transformers, architecture)
+    return transformers.AutoModel
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 # --- the probe ---------------------------------------------------------------------------
 
 
@@ -261,8 +281,13 @@ def _probe(loaded: LoadedModel) -> tuple[AttentionLayout, int]:
     """
     network, name = loaded.model, loaded.model_id
     inputs = {key: value.to(loaded.device) for key, value in probe_inputs(loaded).items()}
-    with torch.no_grad():
-        eager = network(**inputs, output_attentions=True).attentions
+    try:
+        with torch.no_grad():
+            eager = network(**inputs, output_attentions=True).attentions
+    except Exception as error:  # noqa: BLE001  (any model class: what fails here is the model's, reported as such)
+        raise ModelError(f"{name} ({loaded.architecture}) cannot run the probe input ({type(error).__name__}: "
+                         f"{_first_line(error)}); qkatlas reads encoder-only and decoder-only transformers "
+                         "whose forward takes input_ids or pixel_values") from None
     calls: list[tuple] = []
 
     def record(module, query, key, kwargs):

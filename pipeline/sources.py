@@ -16,12 +16,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.errors import QkatlasError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 TABLE_SUFFIXES = {".jsonl", ".ndjson", ".csv", ".parquet", ".pq"}
 DEMO_SOURCES = ("demo:wiki", "demo:lee", "demo:digits", "demo:skimage", "demo:fashion-mnist")
+IMAGE_DEMOS = ("demo:digits", "demo:skimage", "demo:fashion-mnist")
+SOURCES_OF = {"text": "a text, JSONL, CSV or Parquet file, a saved Hugging Face dataset folder, or demo:wiki / "
+                      "demo:lee", "image": "a folder of images, or demo:digits / demo:skimage / demo:fashion-mnist"}
 
 
-class SourceError(ValueError):
+class SourceError(QkatlasError, ValueError):
     """A source that cannot be read at all (missing path, wrong column, unknown demo)."""
 
 
@@ -59,6 +64,8 @@ def open_source(spec: str, text_column: str = "text", skipped: Counter | None = 
                 rows = _hf_dataset(path, text_column, skipped)
             else:
                 rows = _image_folder(path, skipped)
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            raise SourceError(f"--data {path} is one image; give the folder that holds the images")
         elif path.suffix.lower() in {".jsonl", ".ndjson"}:
             rows = _jsonl(path, text_column, skipped)
         elif path.suffix.lower() == ".csv":
@@ -68,6 +75,29 @@ def open_source(spec: str, text_column: str = "text", skipped: Counter | None = 
         else:
             rows = _text_lines(path, skipped)
     return _numbered(rows)
+
+
+def source_modality(spec: str) -> str:
+    """"text" or "image": what `open_source` reads from `spec` (a folder other than a saved
+    Hugging Face dataset is read as images)."""
+    if spec.startswith("demo:"):
+        return "image" if spec in IMAGE_DEMOS else "text"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        is_dataset = (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+        return "text" if is_dataset else "image"
+    return "image" if path.suffix.lower() in IMAGE_SUFFIXES else "text"
+
+
+def check_modality(spec: str, modality: str, model: str) -> None:
+    """Refuse, before anything is read or written, a source whose kind the model cannot take
+    (an image folder for a text model, a text file for a vision transformer)."""
+    found = source_modality(spec)
+    if found != modality:
+        kinds = {"image": "images", "text": "text"}
+        other = "an image" if found == "image" else "a text"
+        raise SourceError(f"--data {spec} holds {kinds[found]} but --model {model} reads {kinds[modality]}; give "
+                          f"it {SOURCES_OF[modality]} (or {other} model for this data)")
 
 
 def _numbered(rows: Iterator[Sequence | None]) -> Iterator[Sequence]:
@@ -158,7 +188,10 @@ def _hf_dataset(path: Path, text_column: str, skipped: Counter) -> Iterator[Sequ
         import datasets
     except ImportError:
         raise SourceError(f"{path} is a saved Hugging Face dataset; install the 'datasets' package") from None
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as error:
+        raise SourceError(f"cannot read the saved Hugging Face dataset {path}: {error}") from None
     if isinstance(loaded, datasets.DatasetDict):
         split = "train" if "train" in loaded else next(iter(loaded))
         loaded = loaded[split]

@@ -26,7 +26,8 @@ from pipeline.render import KEY_COLOUR, QUERY_COLOUR
 
 # --- colour modes ------------------------------------------------------------------------
 
-TEXT_MODES = ["query / key", "position", "punctuation / special", "norm", "token length", "sequence length"]
+TEXT_MODES = ["query / key", "position", "position mod 5", "punctuation / special", "norm", "token length",
+              "token frequency", "sequence length"]
 IMAGE_MODES = ["query / key", "position", "patch row", "patch column", "patch colour", "norm"]
 N_BINS = 8
 QUERY_RAMP = ["#d9f0d3", "#aedea7", "#7fc97f", "#5fb96c", "#3d9a4f", "#238443", "#006837", "#00441b"]
@@ -34,6 +35,23 @@ KEY_RAMP = ["#fde0ef", "#fbb4d9", "#f38fc1", "#e3378f", "#c51b7d", "#a3135f", "#
 VIRIDIS = ["#440154", "#46327e", "#365c8d", "#277f8e", "#1fa187", "#4ac16d", "#a0da39", "#fde725"]
 SEARCH_COLOUR = "#ff7f00"
 SELECTED_COLOUR = "#1f3fff"
+MOD5_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+NORM_TIERS = 3  # dot sizes when sized by norm: small, medium, large
+
+# one line beside each mode's legend: what the colour says
+MODE_DESCRIPTIONS = {
+    "query / key": "queries green, keys pink: a query sits near the keys it attends to",
+    "position": "position / (sequence length - 1), queries and keys on separate ramps",
+    "position mod 5": "position modulo 5: stripes show heads that track fine position",
+    "punctuation / special": "punctuation red, special tokens ([CLS], [SEP], <s>, ...) blue, other tokens grey",
+    "norm": "length of the stored query or key vector (1st-99th percentile)",
+    "token length": "characters in the token, without sub-word markers",
+    "token frequency": "how often the token occurs in the whole corpus, log-scaled bins",
+    "sequence length": "tokens in the point's sequence",
+    "patch row": "the patch's row in the image grid ([CLS] has none)",
+    "patch column": "the patch's column in the image grid ([CLS] has none)",
+    "patch colour": "the mean colour of the patch's pixels",
+}
 
 
 def colour_modes(modality: str) -> list[str]:
@@ -70,6 +88,16 @@ def _ramp_labels(name: str, lo: float, hi: float, n: int = N_BINS) -> list[str]:
     return [f"{name} {edges[i]:.3g}-{edges[i + 1]:.3g}" for i in range(n)]
 
 
+def _frequency_labels(top: float, n: int = N_BINS) -> list[str]:
+    """Legend text of the log-spaced count bins from 1 to `top`; distinct, as categories must be."""
+    edges = np.logspace(0, np.log10(max(top, 1.0)), n + 1)
+    labels: list[str] = []
+    for i in range(n):
+        label = f"seen {edges[i]:,.0f}-{edges[i + 1]:,.0f}×"
+        labels.append(label if label not in labels else f"{label} ({i + 1})")
+    return labels
+
+
 def colouring(mode: str, tokens: pd.DataFrame, norms: np.ndarray | None = None) -> Colouring:
     """The categories of every point of a head (queries then keys) for one colour mode.
 
@@ -85,6 +113,14 @@ def colouring(mode: str, tokens: pd.DataFrame, norms: np.ndarray | None = None) 
         labels = [f"query {label}" for label in _ramp_labels("pos", 0, 1)] + \
                  [f"key {label}" for label in _ramp_labels("pos", 0, 1)]
         return Colouring((bins + kind * N_BINS).astype(np.uint8), labels, QUERY_RAMP + KEY_RAMP)
+    if mode == "position mod 5":
+        return Colouring(both(tokens["pos"].to_numpy() % 5).astype(np.uint8), [f"pos mod 5 = {r}" for r in range(5)],
+                         list(MOD5_COLOURS))
+    if mode == "token frequency":
+        counts = token_counts(tokens)
+        top = max(float(counts.max()) if n else 1.0, 1.0)
+        bins = _bins(np.log10(counts), 0.0, np.log10(top)) if top > 1 else np.zeros(n, dtype=np.uint8)
+        return Colouring(both(bins), _frequency_labels(top), VIRIDIS)
     if mode == "punctuation / special":
         category = np.where(tokens["is_special"].to_numpy(), 2, np.where(tokens["is_punct"].to_numpy(), 1, 0))
         return Colouring(both(category).astype(np.uint8), ["word", "punctuation", "special"],
@@ -110,6 +146,28 @@ def colouring(mode: str, tokens: pd.DataFrame, norms: np.ndarray | None = None) 
         colours = [f"#{(r * 85):02x}{(g * 85):02x}{(b * 85):02x}" for r in range(4) for g in range(4) for b in range(4)]
         return Colouring(both(code).astype(np.uint8), [f"rgb {c}" for c in colours], colours)
     raise ValueError(f"unknown colour mode {mode!r}")
+
+
+def token_counts(tokens: pd.DataFrame) -> np.ndarray:
+    """int64 [n_tokens]: how many times each token's id occurs in `tokens` (the whole corpus)."""
+    ids = tokens["token_id"] if "token_id" in tokens else tokens["token"].astype(str)
+    codes, _ = pd.factorize(ids)
+    return np.bincount(codes)[codes].astype(np.int64) if len(codes) else np.zeros(0, dtype=np.int64)
+
+
+def norm_tiers(norms: np.ndarray, n_tiers: int = NORM_TIERS) -> np.ndarray:
+    """uint8 [2 * n_tokens]: each point's dot size, 0 (smallest) .. n_tiers - 1, by the norm
+    quantile of its vector among the head's queries or among its keys (their norms differ in
+    scale, so each gets every size)."""
+    norms = np.asarray(norms, dtype=np.float64)
+    n = len(norms) // 2
+    tiers = np.zeros(len(norms), dtype=np.uint8)
+    for half in (slice(0, n), slice(n, 2 * n)):
+        values = norms[half]
+        if len(values):
+            edges = np.quantile(values, np.linspace(0, 1, n_tiers + 1)[1:-1])
+            tiers[half] = np.searchsorted(edges, values, side="right")
+    return tiers
 
 
 def token_table(tokens: pd.DataFrame) -> pd.DataFrame:
@@ -365,6 +423,7 @@ class RunData:
         self._coords: OrderedDict = OrderedDict()
         self._norms: OrderedDict = OrderedDict()
         self._colourings: OrderedDict = OrderedDict()
+        self._tiers: OrderedDict = OrderedDict()
         self._max_heads = max_heads
         self.thumbnails: dict = {}
         self._similarity = None
@@ -418,6 +477,9 @@ class RunData:
         key = (mode, layer, head) if head_specific else (mode,)
         return self._cached(self._colourings, key, lambda: colouring(
             mode, self.tokens, self.norms(layer, head) if head_specific else None))
+
+    def norm_tiers(self, layer: int, head: int) -> np.ndarray:
+        return self._cached(self._tiers, (layer, head), lambda: norm_tiers(self.norms(layer, head)))
 
     def attention(self, seq_id: int, layer: int, head: int) -> np.ndarray:
         return self.run.attention(seq_id, layer, head)

@@ -1,18 +1,36 @@
-"""Serving the dashboard: loopback by default, Panel's basic auth when exposed.
+"""Serving the dashboard: loopback by default; when exposed, a login that checks user name and
+password in constant time and slows down a client after each failed attempt, and optional TLS.
 
 The run is fixed when the server starts; a URL can only choose among the run's own heads,
-methods and colour modes (viz.data.url_state), never a path."""
+methods and colour modes (viz.data.url_state), never a path. Widget callbacks (search, head
+changes, clicks) run on Panel's thread pool, off the event loop that serves page loads."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import hmac
 import ipaddress
+import json
+import logging
+import os
 import secrets
+import socket
+import ssl
 import threading
+import time
+from pathlib import Path
+
+from pipeline.errors import QkatlasError
 
 LOOPBACK = "127.0.0.1"
+DEFAULT_USER = "qkatlas"
+SERVER_THREADS = 4  # Panel's pool for widget callbacks; page loads stay on the event loop
+log = logging.getLogger("qkatlas.serve")
 
 
-class ServeError(ValueError):
+class ServeError(QkatlasError, ValueError):
     """A run that cannot be served (no projections, not a run) or a bad option."""
 
 
@@ -25,35 +43,207 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def check_run(run_url: str):
-    """Open the run and check it has something to show; errors say which command to run."""
+def exposure_warnings(address: str, auth: bool, tls: bool) -> list[str]:
+    """What a user should know before serving on `address`."""
+    if is_loopback(address):
+        return []
+    if not auth:
+        return [f"serving on {address} without --basic-auth: anyone who can reach this port sees the run"]
+    if not tls:
+        return [(f"serving on {address} over plain HTTP: the password travels in clear text; add --tls-cert and "
+                 "--tls-key (or put a TLS proxy in front)")]
+    return []
+
+
+def check_run(run):
+    """The opened run (`run`: a path or URL, or a run object), checked to have something to show;
+    errors say which command to run."""
     from pipeline.store import StoreError, open_run
 
-    try:
-        run = open_run(run_url)
-    except (StoreError, FileNotFoundError) as error:
-        raise ServeError(str(error)) from None
+    if isinstance(run, str):
+        url = run
+        try:
+            run = open_run(url)
+        except (StoreError, FileNotFoundError) as error:
+            raise ServeError(str(error)) from None
+    else:
+        url = getattr(getattr(run, "dir", None), "url", repr(run))
     if run.projections().empty:
-        raise ServeError(f"{run_url} has no projections yet; run: qkatlas reduce {run_url} --method umap,pca")
+        raise ServeError(f"{url} has no projections yet; run: qkatlas reduce {url} --method umap,pca")
     return run
 
 
-def make_server(run_url: str, port: int = 5006, address: str = LOOPBACK, basic_auth: str | None = None,
-                show: bool = False, threaded: bool = False, warm: bool = True):
-    """A Panel server for the run (not started). `basic_auth`: a password, or a JSON file of
-    user -> password, as Panel's `basic_auth`."""
+# --- credentials ---------------------------------------------------------------------------
+
+
+def looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or os.sep in value or value.lower().endswith(".json")
+
+
+def load_credentials(basic_auth: str, user: str = DEFAULT_USER) -> dict[str, str]:
+    """user -> password. `basic_auth` is a password (for `user`) or, when it looks like a path,
+    a JSON file of {"user": "password", ...}, which must then exist and be readable."""
+    if not looks_like_path(basic_auth):
+        return {user: basic_auth}
+    path = Path(basic_auth).expanduser()
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ServeError(f"--basic-auth {basic_auth} looks like a file but there is none; give an existing JSON file "
+                         'of {"user": "password"} (a password with "/" in it belongs in such a file)') from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ServeError(f"--basic-auth {basic_auth}: cannot read it ({error}); give a readable JSON file of "
+                         '{"user": "password"}') from None
+    except json.JSONDecodeError as error:
+        raise ServeError(f"--basic-auth {basic_auth} is not valid JSON (line {error.lineno}: {error.msg}); it must "
+                         'hold {"user": "password", ...}') from None
+    if not isinstance(table, dict) or not table or not all(
+            isinstance(name, str) and isinstance(secret, str) and name and secret for name, secret in table.items()):
+        raise ServeError(f"--basic-auth {basic_auth} must hold a non-empty JSON object of "
+                         '{"user": "password"} with non-empty strings')
+    return table
+
+
+def credentials_match(credentials: dict[str, str], user: str, password: str) -> bool:
+    """Both user name and password checked, each with a constant-time comparison, against every
+    entry, so that the time taken does not tell which user names exist."""
+    found = False
+    for name, secret in credentials.items():
+        same_name = hmac.compare_digest(name.encode(), user.encode())
+        same_secret = hmac.compare_digest(secret.encode(), password.encode())
+        found |= same_name & same_secret
+    return found
+
+
+class LoginThrottle:
+    """Failed logins per client address: after n failures in a row, the client's next attempt is
+    checked only min(cap, base * 2**(n - 1)) seconds after the last failure; one client's attempts
+    are checked one at a time, so parallel guesses queue. A success, or `forget_after` seconds of
+    quiet, clears the count."""
+
+    def __init__(self, base: float = 0.25, cap: float = 30.0, forget_after: float = 900.0):
+        self.base, self.cap, self.forget_after = base, cap, forget_after
+        self._failures: dict[str, tuple[int, float]] = {}  # client -> (failures in a row, monotonic time of last)
+        self._turns: dict[str, asyncio.Lock] = {}
+
+    def wait(self, client: str) -> float:
+        """Seconds before `client`'s next attempt may be checked."""
+        failures, last = self._failures.get(client, (0, 0.0))
+        now = time.monotonic()
+        if not failures or now - last > self.forget_after:
+            return 0.0
+        return max(0.0, last + min(self.cap, self.base * 2 ** (failures - 1)) - now)
+
+    def record(self, client: str, ok: bool) -> None:
+        if ok:
+            self._failures.pop(client, None)
+            return
+        failures, last = self._failures.get(client, (0, 0.0))
+        now = time.monotonic()
+        self._failures[client] = (1 if now - last > self.forget_after else failures + 1, now)
+        if len(self._failures) > 10_000:
+            for other, (_, when) in list(self._failures.items()):
+                if now - when > self.forget_after:
+                    self._failures.pop(other)
+                    self._turns.pop(other, None)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, client: str):
+        """Wait for `client`'s turn, then its delay; the attempt runs inside."""
+        lock = self._turns.setdefault(client, asyncio.Lock())
+        async with lock:
+            await asyncio.sleep(self.wait(client))
+            yield
+
+
+def auth_provider(credentials: dict[str, str], throttle: LoginThrottle):
+    """Panel's login page and cookies, with `credentials_match` and `throttle` in front."""
+    from panel.auth import BasicAuthProvider, BasicLoginHandler
+
+    class LoginHandler(BasicLoginHandler):
+        def _validate(self, username, password):
+            ok = credentials_match(credentials, username, password)
+            throttle.record(self.request.remote_ip, ok)
+            return ok
+
+        async def post(self):
+            async with throttle.turn(self.request.remote_ip):
+                super().post()
+
+    class Provider(BasicAuthProvider):
+        @property
+        def login_handler(self):
+            _ = super().login_handler  # sets the login page's endpoint and template on Panel's handler
+            return LoginHandler
+
+    return Provider()
+
+
+# --- the server ----------------------------------------------------------------------------
+
+
+def check_tls(cert: str | None, key: str | None) -> dict:
+    """Bokeh's server options for HTTPS, after checking that the pair loads."""
+    if cert is None and key is None:
+        return {}
+    if cert is None or key is None:
+        raise ServeError("--tls-cert and --tls-key go together: give both (a PEM certificate and its private key)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile=cert, keyfile=key)
+    except (OSError, ssl.SSLError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise ServeError(f"--tls-cert {cert} / --tls-key {key}: cannot load them ({reason}); give a PEM certificate "
+                         "and its matching private key") from None
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
+
+
+def _bind_error(error: OSError, address: str, port: int) -> ServeError:
+    if error.errno == errno.EADDRINUSE:
+        return ServeError(f"port {port} on {address} is already in use (another server?); choose another with --port")
+    if error.errno == errno.EACCES:
+        return ServeError(f"not allowed to listen on port {port} ({error.strerror}); choose a port above 1023")
+    if isinstance(error, socket.gaierror) or error.errno == errno.EADDRNOTAVAIL:
+        return ServeError(f"cannot listen on --address {address} ({error.strerror}); give an address of this machine "
+                          "(127.0.0.1, or 0.0.0.0 for every interface)")
+    return ServeError(f"cannot listen on {address}:{port} ({error.strerror or error})")
+
+
+def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str | None = None,
+                auth_user: str = DEFAULT_USER, tls_cert: str | None = None, tls_key: str | None = None,
+                warm: bool = True, throttle: LoginThrottle | None = None):
+    """A Panel server (not started; on this thread's IOLoop) for `run` (a path or URL, or an opened
+    run). `basic_auth`: a password for `auth_user`, or a JSON file of user -> password (see
+    `load_credentials`)."""
     import panel as pn
 
     from viz.data import shared_run_data
     from viz.views import app
 
-    run = check_run(run_url)
-    data = shared_run_data(run)
-    if warm:  # head similarity for the matrix view's ranking, computed once in the background
-        threading.Thread(target=data.head_similarity, daemon=True, name="qkatlas-similarity").start()
-    origins = [f"{address}:{port}"] + ([f"localhost:{port}", f"127.0.0.1:{port}"] if is_loopback(address) else [])
-    extra = {}
+    if not 1 <= port <= 65535:
+        raise ServeError(f"--port {port} is not a port number; give one from 1 to 65535 (default 5006)")
+    extra = check_tls(tls_cert, tls_key)
     if basic_auth:
-        extra = {"basic_auth": basic_auth, "cookie_secret": secrets.token_hex(32)}
-    return pn.serve({"/": lambda: app(run)}, port=port, address=address, websocket_origin=origins, show=show,
-                    start=False, threaded=threaded, title="qkatlas", **extra)
+        extra.update(auth_provider=auth_provider(load_credentials(basic_auth, auth_user), throttle or LoginThrottle()),
+                     cookie_secret=secrets.token_hex(32))
+    run = check_run(run)
+    origins = [f"{address}:{port}"] + ([f"localhost:{port}", f"127.0.0.1:{port}"] if is_loopback(address) else [])
+    try:
+        server = pn.serve({"/": lambda: app(run)}, port=port, address=address, websocket_origin=origins, show=False,
+                          start=False, title="qkatlas", verbose=False, **extra)
+    except OSError as error:
+        raise _bind_error(error, address, port) from None
+    if pn.config.nthreads is None:  # read when events arrive, so set once the server exists
+        pn.config.nthreads = SERVER_THREADS
+    if warm:
+        threading.Thread(target=warm_up, args=(shared_run_data(run),), daemon=True, name="qkatlas-warm").start()
+    return server
+
+
+def warm_up(data) -> None:
+    """Build the search index and the matrix view's head similarity before the first session
+    asks; a failure is left to the view that needs them to report."""
+    try:
+        _ = data.vocabulary
+        data.head_similarity()
+    except Exception as error:  # noqa: BLE001  (reported once here, and again by the view)
+        log.warning("qkatlas: warming up the run's caches failed: %s", error)

@@ -10,21 +10,49 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import threading
+import time
 from typing import Iterator
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.config import (CudaClusterConfig, JobQueueClusterConfig, LocalClusterConfig,
                              SchedulerClusterConfig)
+from pipeline.errors import QkatlasError
 
 
-class ClusterError(RuntimeError):
+class ClusterError(QkatlasError, RuntimeError):
     """A cluster that cannot be started or reached; the message says what to do."""
 
 
 MAX_DEFAULT_WORKERS = 8  # each worker holds its own copy of the model
+LOOPBACK = "127.0.0.1"
+JOB_CHECK_SECONDS = 5.0  # how often a scheduled cluster's lost batch jobs are replaced
+
+
+def dashboard_bind(address: str) -> tuple[str, str | None]:
+    """(address to give Dask, warning): a dashboard address without a host (":8787", "8787",
+    ":0") listens on loopback only, not on every interface as Dask would; a host that is not
+    loopback is kept, with a warning, since the dashboard has no authentication."""
+    host, _, port = address.rpartition(":") if ":" in address else ("", "", address)
+    host = host.strip("[]")
+    if not host:
+        return f"{LOOPBACK}:{port or 0}", None
+    if host == "localhost" or _is_loopback(host):
+        return address, None
+    return address, (f"the Dask dashboard listens on {address} (cluster.dashboard_address) without authentication: "
+                     "anyone who can reach it sees and can stop the run; leave the default (127.0.0.1) and use an "
+                     "SSH tunnel instead")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def machine_cores() -> int:
@@ -106,7 +134,12 @@ def open_client(config, quiet: bool = True) -> Iterator[tuple[object, str]]:
         with client:
             yield client, f"scheduler {config.address}"
         return
-    cluster, description = _start_cluster(config, level)
+    address, warning = dashboard_bind(config.dashboard_address)
+    if warning:
+        from workflows.progress import console
+
+        console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)
+    cluster, description = _start_cluster(config.model_copy(update={"dashboard_address": address}), level)
     try:
         with Client(cluster) as client:
             if isinstance(config, LocalClusterConfig) and config.pin_cores:
@@ -120,6 +153,9 @@ def open_client(config, quiet: bool = True) -> Iterator[tuple[object, str]]:
                 except TimeoutError:
                     raise ClusterError(f"no {config.kind} job started a worker within {config.timeout:.0f} s "
                                        "(cluster.timeout); check the queue with squeue / qstat") from None
+                with replacing_lost_jobs(cluster, config.jobs):
+                    yield client, description
+                return
             yield client, description
     finally:
         cluster.close()
@@ -155,6 +191,50 @@ def _start_cluster(config, level: int):
         return cluster, (f"{cls.__name__}, {config.jobs} jobs x {config.processes} workers "
                          f"({config.cores} cores, {config.memory} per job)")
     raise ClusterError(f"unknown cluster kind {getattr(config, 'kind', config)!r}")
+
+
+def job_ids(cluster) -> list[str]:
+    """The batch-system ids of a dask-jobqueue cluster's live jobs."""
+    return [str(job.job_id) for job in list(cluster.workers.values()) if getattr(job, "job_id", None)]
+
+
+@contextlib.contextmanager
+def replacing_lost_jobs(cluster, jobs: int, every: float = JOB_CHECK_SECONDS) -> Iterator[None]:
+    """Keep `jobs` batch jobs while the block runs, and log their ids.
+
+    A job that ends under a run (walltime, preemption, `scancel`) takes its workers with it, and
+    dask-jobqueue does not submit another: the run would wait forever. Every `every` seconds this
+    asks for `jobs` again (a job whose workers the scheduler lost is then resubmitted) and logs
+    each job that ended and each one submitted."""
+    from tornado.ioloop import PeriodicCallback
+
+    from workflows.progress import console
+
+    def say(text: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, soft_wrap=True, markup=False)
+
+    known = job_ids(cluster)
+    say(f"worker job{'s' if len(known) > 1 else ''} {', '.join(known)} submitted ({type(cluster).__name__})")
+    stopped = threading.Event()
+
+    def check() -> None:
+        if stopped.is_set():  # the run is over: the cluster is closing its jobs
+            return
+        current = job_ids(cluster)
+        for job in sorted(set(known) - set(current)):
+            say(f"worker job {job} ended (walltime, preemption or scancel?); submitting a replacement")
+        for job in sorted(set(current) - set(known)):
+            say(f"worker job {job} submitted")
+        known[:] = current
+        cluster.scale(jobs=jobs)
+
+    callback = PeriodicCallback(check, every * 1000)
+    cluster.loop.add_callback(callback.start)
+    try:
+        yield
+    finally:
+        stopped.set()
+        cluster.loop.add_callback(callback.stop)
 
 
 def jobqueue_options(config: JobQueueClusterConfig) -> dict:

@@ -121,7 +121,7 @@ def prepare(config: ExtractConfig, shards: int) -> dict:
     with _heavy:
         _configure_threads(config)
         loaded = cached_model(config)
-        check_source(config)
+        check_source(config, loaded)
         run = prepare_run(config, loaded)
     state = load_manifest(run).extract
     if state.shards is None:

@@ -19,11 +19,13 @@ import importlib
 from functools import lru_cache
 from types import ModuleType
 
+from pipeline.errors import QkatlasError
+
 BACKENDS = {"cpu": "pipeline.reduce.cpu", "gpu": "pipeline.reduce.gpu"}
 METHODS = ("pca", "umap", "tsne")
 
 
-class BackendError(RuntimeError):
+class BackendError(QkatlasError, RuntimeError):
     """A backend that was asked for cannot run on this machine."""
 
 

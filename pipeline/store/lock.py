@@ -91,7 +91,11 @@ def release(run: RunDir, path: str) -> None:
 def writing(url: str | os.PathLike | RunDir, command: str = "qkatlas"):
     """Hold the run's write lock for the block; yields the RunDir."""
     run = url if isinstance(url, RunDir) else RunDir(url)
-    path = acquire(run, command)
+    try:
+        path = acquire(run, command)
+    except OSError as error:
+        raise StoreError(f"cannot write the run at {run.url}: {error.strerror or error}; "
+                         "choose a writable --out") from None
     try:
         yield run
     finally:

@@ -112,6 +112,8 @@ def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.d
                np.empty((len(layers), layout.n_kv_heads, n_real, layout.d_head), dtype=dtype))
     queries, keys = out
     slot_of_layer = {layer: slot for slot, layer in enumerate(layers)}
+    last = max(layers)
+    stop_early = last < layout.n_layers - 1  # nothing after the last stored layer is needed
     inputs = {name: tensor.to(loaded.device) for name, tensor in batch.inputs.items()}
     if "attention_mask" in inputs:
         real = inputs["attention_mask"].reshape(-1).nonzero().squeeze(1)
@@ -128,10 +130,20 @@ def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.d
             if real is not None:
                 flat = flat.index_select(1, real)
             torch.from_numpy(target[slot]).copy_(flat)  # one pass: gather, cast, device -> host
+        if stop_early and loaded.layer_of_module[id(module)] == last:
+            raise _LastLayerCaptured
 
     with torch.inference_mode(), capturing(sink):
-        loaded.model(**inputs)
+        try:
+            loaded.model(**inputs)
+        except _LastLayerCaptured:
+            pass
     return queries, keys
+
+
+class _LastLayerCaptured(Exception):
+    """Ends a forward pass once the last stored layer's Q/K are captured (`--layers 0,1` of a
+    deep model then costs two layers, not all of them)."""
 
 
 def token_columns(loaded: LoadedModel, batch: Batch) -> dict:

@@ -150,3 +150,29 @@ def test_packaged_smollm2_rope_gqa_attention_matches_eager(tmp_path, text_file):
     from pipeline.models import resolve_model_path
 
     assert worst_text_error(run, eager_model(resolve_model_path("demo:smollm2")[0])) < TOLERANCE
+
+
+def test_extracting_early_layers_stops_the_forward_after_the_last_one(tiny_models, text_file, tmp_path, monkeypatch):
+    """`--layers 0` of a 2-layer model stores layer 0 exactly as a full extraction does, and
+    the forward pass never reaches layer 1."""
+    import pipeline.extract as extract_module
+
+    full = open_run(extract(ExtractConfig(model=tiny_models["llama"], data=text_file, out=str(tmp_path / "full"),
+                                          dtype="float32"))["out"])
+    calls = []
+    real_capturing = extract_module.capturing
+
+    def counting(sink):
+        def wrapped(module, query, key, kwargs):
+            calls.append(module)
+            return sink(module, query, key, kwargs)
+        return real_capturing(wrapped)
+
+    monkeypatch.setattr(extract_module, "capturing", counting)
+    first = open_run(extract(ExtractConfig(model=tiny_models["llama"], data=text_file, out=str(tmp_path / "first"),
+                                           dtype="float32", layers=[0]))["out"])
+    assert first.layers == [0] and calls
+    assert len({id(module) for module in calls}) == 1, "the forward went on past the last stored layer"
+    for head in range(first.n_heads):
+        np.testing.assert_array_equal(first.queries(0, head), full.queries(0, head))
+        np.testing.assert_array_equal(first.keys(0, head), full.keys(0, head))

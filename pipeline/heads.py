@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pandas as pd
@@ -81,6 +81,7 @@ MAX_BATCH_ELEMENTS = 1 << 22  # ... unless that many weights (16 MB) would be ex
 PAD_TOLERANCE = 0.1  # a batch mixes lengths within 10% (padding), or more when too few sequences share one
 PADDING = -1e30  # finite: a padding query whose window holds only padding keys stays NaN-free
 CLAMP = -80.0  # exp(-80) ~ 2e-35: masked keys stay negligible without exp's slow underflow path
+CPU = torch.device("cpu")
 
 
 class HeadsError(QkatlasError, ValueError):
@@ -109,6 +110,15 @@ class Masks:
     n_counted: torch.Tensor  # [batch] float
     counts: dict  # queries, prev, next, duplicate: how many queries each mean is over
 
+    def to(self, device: torch.device) -> Masks:
+        """A copy with every tensor on `device`."""
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            return tuple(move(item) for item in value) if isinstance(value, tuple) else value
+
+        return Masks(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
 
 @dataclass
 class Bucket:
@@ -134,11 +144,13 @@ class Bucket:
         real = torch.arange(self.length)[:, None] < self.lengths[None, :]  # [pos, batch]
         return visible_keys(self.length, mask_rule, window)[:, :, None] & real[None, :, :] & real[:, None, :]
 
-    def masks(self, mask_rule: str, window: int | None) -> Masks:
-        """Built once per (mask rule, window), then shared by every head of those layers."""
-        key = (mask_rule, window)
+    def masks(self, mask_rule: str, window: int | None, device: torch.device = CPU) -> Masks:
+        """Built once per (mask rule, window) on the CPU, copied once to another `device`, then
+        shared by every head of those layers."""
+        key = (mask_rule, window, device)
         if key not in self._masks:
-            self._masks[key] = self._build_masks(mask_rule, window)
+            self._masks[key] = (self._build_masks(mask_rule, window) if device == CPU
+                                else self.masks(mask_rule, window).to(device))
         return self._masks[key]
 
     def _build_masks(self, mask_rule: str, window: int | None) -> Masks:
@@ -260,9 +272,20 @@ def plan_sequences(run, batch_elements: int = BATCH_ELEMENTS) -> SequencePlan:
     return SequencePlan(seq_ids, lengths, np.concatenate(order), buckets, max_length)
 
 
-def in_plan_order(plan: SequencePlan, vectors: np.ndarray) -> torch.Tensor:
-    """[n_tokens, d_head] in store order -> [slot, d_head], each bucket's slots contiguous."""
-    return torch.from_numpy(np.take(vectors, plan.order, axis=0))
+def in_plan_order(plan: SequencePlan, vectors: np.ndarray, device: torch.device = CPU) -> torch.Tensor:
+    """[n_tokens, d_head] in store order -> [slot, d_head] on `device`, each bucket's slots contiguous."""
+    return torch.from_numpy(np.take(vectors, plan.order, axis=0)).to(device)
+
+
+def torch_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or where the process's array backend runs torch math (`pipeline.arrays`):
+    CUDA on the GPU backend, the CPU otherwise."""
+    if device is None:
+        from pipeline.arrays import backend
+
+        device = backend().torch_device
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device
 
 
 def bucket_attention(bucket: Bucket, masks: Masks, queries: torch.Tensor, keys: torch.Tensor,
@@ -274,7 +297,7 @@ def bucket_attention(bucket: Bucket, masks: Masks, queries: torch.Tensor, keys: 
     n, length = bucket.size, bucket.length
     rows = slice(bucket.start, bucket.start + n * length)
     scores = torch.bmm(queries[rows].view(n, length, -1), keys[rows].view(n, length, -1).transpose(1, 2))
-    shifted = torch.empty(length, length, n)
+    shifted = torch.empty(length, length, n, device=queries.device)
     if masks.additive is None and masks.key_padding is None:
         torch.mul(scores.permute(1, 2, 0), scale, out=shifted)
     else:
@@ -290,11 +313,11 @@ def bucket_attention(bucket: Bucket, masks: Masks, queries: torch.Tensor, keys: 
 class HeadAccumulator:
     """Running sums of every measure over the buckets of one head."""
 
-    def __init__(self, plan: SequencePlan, mask_rule: str):
+    def __init__(self, plan: SequencePlan, mask_rule: str, device: torch.device = CPU):
         self.mask_rule = mask_rule
-        self.sums = torch.zeros(len(SUMMED), dtype=torch.float64)
+        self.sums = torch.zeros(len(SUMMED), dtype=torch.float64, device=device)
         self.counts = {"queries": 0, "prev": 0, "next": 0, "duplicate": 0}
-        self.offsets = torch.zeros(2 * plan.max_length + 1, dtype=torch.float64)  # argmax offset -> queries
+        self.offsets = torch.zeros(2 * plan.max_length + 1, dtype=torch.float64, device=device)  # offset -> queries
         self.max_length = plan.max_length
         self.sequence_scores = np.full(len(plan.seq_ids), np.nan)
 
@@ -328,7 +351,7 @@ class HeadAccumulator:
         top = torch.addcmul(later, later.floor(), masks.reversed_keys).amax(1).view(-1)
         best_other = top.clamp(max=1.0).view(length, n)  # times inverse: the weight
         per_sequence = torch.linalg.vecdot(best_other, counted_inverse.view(length, n), dim=0) / masks.n_counted
-        self.sequence_scores[bucket.seq_index] = per_sequence.numpy()
+        self.sequence_scores[bucket.seq_index] = per_sequence.cpu().numpy()
         first_max = torch.where((top >= 2) & ~max_at_first, length + 1 - top, 0.0).long()
         offsets = (first_max.view(length, n) + masks.offset_base).view(-1)
         self.offsets += torch.bincount(offsets, weights=masks.counted, minlength=len(self.offsets))
@@ -358,22 +381,24 @@ def top_sequences(plan: SequencePlan, scores: np.ndarray, top_k: int, min_length
 
 
 def measure_head(run, layer: int, head: int, top_k: int = 5, plan: SequencePlan | None = None,
-                 min_top_length: int = 8) -> tuple[dict, list[dict]]:
+                 min_top_length: int = 8, device: str | torch.device | None = None) -> tuple[dict, list[dict]]:
     """One head over every sequence of `run` -> (measurement row, top-sequence rows).
 
-    `plan` (from `plan_sequences`) may be passed in to share it across heads."""
+    `plan` (from `plan_sequences`) may be passed in to share it across heads. `device`: where
+    the torch math runs (default: the array backend's, `torch_device`)."""
     plan = plan or plan_sequences(run)
-    return _measure_ordered(run, layer, head, plan, in_plan_order(plan, run.queries(layer, head)),
-                            in_plan_order(plan, run.keys(layer, head)), top_k, min_top_length)
+    device = torch_device(device)
+    return _measure_ordered(run, layer, head, plan, in_plan_order(plan, run.queries(layer, head), device),
+                            in_plan_order(plan, run.keys(layer, head), device), top_k, min_top_length)
 
 
 def _measure_ordered(run, layer: int, head: int, plan: SequencePlan, queries: torch.Tensor, keys: torch.Tensor,
                      top_k: int, min_top_length: int) -> tuple[dict, list[dict]]:
     scale, window = run.scale(layer), run.sliding_window(layer)
-    accumulator = HeadAccumulator(plan, run.mask_rule)
+    accumulator = HeadAccumulator(plan, run.mask_rule, queries.device)
     with torch.inference_mode():
         for bucket in plan.buckets:
-            masks = bucket.masks(run.mask_rule, window)
+            masks = bucket.masks(run.mask_rule, window, queries.device)
             accumulator.add(bucket, masks, *bucket_attention(bucket, masks, queries, keys, scale))
     row = {"layer": layer, "head": head, **accumulator.row()}
     top = [{"layer": layer, "head": head, "rank": rank, "seq_id": seq_id, "score": score}
@@ -402,35 +427,37 @@ def repeated_random_tokens(vocab_size: int, n_sequences: int, half_length: int, 
 
 
 def probe_scores(probe_run, layer: int, head: int, exclude_bos: bool = False, exclude_current_token: bool = False,
-                 plan: SequencePlan | None = None) -> dict:
-    """TransformerLens "mul" scores of one head, averaged over the probe run's sequences."""
+                 plan: SequencePlan | None = None, device: str | torch.device | None = None) -> dict:
+    """TransformerLens "mul" scores of one head, averaged over the probe run's sequences;
+    `device` as in `measure_head`."""
     if probe_run.mask_rule != "causal":
         return {name: math.nan for name in PROBE_SCORES}
     plan = plan or plan_sequences(probe_run)
-    queries = in_plan_order(plan, probe_run.queries(layer, head))
-    keys = in_plan_order(plan, probe_run.keys(layer, head))
+    device = torch_device(device)
+    queries = in_plan_order(plan, probe_run.queries(layer, head), device)
+    keys = in_plan_order(plan, probe_run.keys(layer, head), device)
     scale, window = probe_run.scale(layer), probe_run.sliding_window(layer)
     per_sequence = {name: [] for name in PROBE_SCORES}
     with torch.inference_mode():
         for bucket in plan.buckets:
-            masks = bucket.masks("causal", window)
+            masks = bucket.masks("causal", window, device)
             exp_scores, _, total = bucket_attention(bucket, masks, queries, keys, scale)
-            weights = (exp_scores / total[:, None, :]).masked_fill_(~bucket.visible("causal", window), 0.0)
+            weights = (exp_scores / total[:, None, :]).masked_fill_(~bucket.visible("causal", window).to(device), 0.0)
             weights = weights.permute(2, 0, 1).double()  # [batch, query, key]
             if exclude_bos:
                 weights[:, :, 0] = 0
             if exclude_current_token:
                 weights.diagonal(0, 1, 2).zero_()
             attention = weights.sum((1, 2))
-            b, i, j = bucket.duplicates.unbind(1)
+            b, i, j = bucket.duplicates.to(device).unbind(1)
             shifted = j + 1 <= i
-            duplicate = torch.zeros(bucket.size, dtype=torch.float64).index_add_(0, b, weights[b, i, j])
-            induction = torch.zeros(bucket.size, dtype=torch.float64).index_add_(
+            duplicate = torch.zeros(bucket.size, dtype=torch.float64, device=device).index_add_(0, b, weights[b, i, j])
+            induction = torch.zeros(bucket.size, dtype=torch.float64, device=device).index_add_(
                 0, b[shifted], weights[b[shifted], i[shifted], j[shifted] + 1])
             previous = weights.diagonal(-1, 1, 2).sum(-1)
             for name, on_pattern in (("induction_score", induction), ("duplicate_score", duplicate),
                                      ("previous_token_score", previous)):
-                per_sequence[name].append((on_pattern / attention).numpy())
+                per_sequence[name].append((on_pattern / attention).cpu().numpy())
     return {name: float(np.concatenate(values).mean()) for name, values in per_sequence.items()}
 
 
@@ -448,12 +475,14 @@ def check_probe(run, probe_run, layers: list[int]) -> None:
 
 def measure_run(run, probe_run=None, layers: list[int] | None = None, heads: list[int] | None = None,
                 on_head: Callable[[int, int, dict], None] | None = None, top_k: int = 5,
-                min_top_length: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+                min_top_length: int = 8, device: str | torch.device | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Measure every (layer, head) -> (measurements, one row per head; top sequences).
 
     Holds one head's Q and K at a time (keys read once per key/value head). The probe columns
     are NaN without a probe run or for bidirectional runs. `on_head(layer, head, row)` is
-    called after each head."""
+    called after each head. `device`: where the torch math runs (default: the array
+    backend's, `torch_device`); the CPU and CUDA results agree to float32 rounding."""
+    device = torch_device(device)
     layers = run.layers if layers is None else layers
     heads = list(range(run.n_heads)) if heads is None else heads
     if probe_run is not None:
@@ -465,11 +494,11 @@ def measure_run(run, probe_run=None, layers: list[int] | None = None, heads: lis
         keys, keys_of = None, None
         for head in heads:
             if keys_of != run.kv_head_of_q[head]:  # query heads of one key/value head share its keys
-                keys, keys_of = in_plan_order(plan, run.keys(layer, head)), run.kv_head_of_q[head]
-            queries = in_plan_order(plan, run.queries(layer, head))
+                keys, keys_of = in_plan_order(plan, run.keys(layer, head), device), run.kv_head_of_q[head]
+            queries = in_plan_order(plan, run.queries(layer, head), device)
             row, top = _measure_ordered(run, layer, head, plan, queries, keys, top_k, min_top_length)
             if probe_plan is not None:
-                row.update(probe_scores(probe_run, layer, head, plan=probe_plan))
+                row.update(probe_scores(probe_run, layer, head, plan=probe_plan, device=device))
             else:
                 row.update({name: math.nan for name in PROBE_SCORES})
             rows.append(row)

@@ -4,7 +4,8 @@ same data, compare the results, time both, and write `OUT/gpu_check.json`.
 Steps: the environment; extraction on cpu and on the device (stored Q/K compared, attention
 recomputed from the device's run against the model's eager attention on the CPU, tokens/s);
 normalization and quality metrics given CuPy arrays against NumPy; every projection method on
-the `gpu` backend (cuML); head measurements (`pipeline.heads`) on both runs; sizes.
+the `gpu` backend (cuML); head measurements (`pipeline.heads`) on both runs, and on one run with
+torch on the device vs on the CPU; sizes.
 
 It runs from source on a bare GPU image plus the wheels of `scripts/gpu_wheels.sh`, so every
 optional import is guarded, each step records its own error, and the report is rewritten after
@@ -298,6 +299,14 @@ def step_environment(context: dict) -> dict:
         details["cuda_runtime"] = torch.version.cuda
         details["fp32_matmul_precision"] = torch.get_float32_matmul_precision()
     details["check_device"] = context["device"]
+    try:
+        from pipeline.arrays import backend
+
+        arrays = backend()
+        details["array_backend"] = {"name": arrays.name, "frames": arrays.frames.__name__,
+                                    "torch_device": arrays.torch_device, "why_not_gpu": arrays.why_not_gpu}
+    except Exception as error:  # noqa: BLE001 - QKATLAS_ARRAYS=gpu on a machine without one
+        details["array_backend"] = f"not chosen: {describe(error)}"
     if context["device"] == "cuda" and not torch.cuda.is_available():
         raise CheckFailed("--device cuda, but torch sees no CUDA device")
     return details
@@ -439,6 +448,7 @@ def step_normalization_and_quality(context: dict) -> dict:
     cpu = load_backend("cpu")
     points, _ = head_points(queries, keys, config)
     coords = cpu.pca(points, 2, 0)
+    scaled_points, scaled_coords = scaled_head(points, coords, 200_000 if context["device"] == "cuda" else 20_000)
     sequences = run.sequences()[["token_offset", "n_tokens"]].to_numpy()
     calls: dict[str, Callable] = {
         "normalize_head": lambda a: normalize_head(a(queries), a(keys)),
@@ -446,12 +456,16 @@ def step_normalization_and_quality(context: dict) -> dict:
         "attention_agreement": lambda a: attention_agreement(a(queries), a(keys), a(coords), sequences,
                                                              run.scale(layer), run.mask_rule),
         "knn_preservation": lambda a: knn_preservation(a(points), a(coords), cpu),
+        f"knn_preservation_{len(scaled_points)}_points": lambda a: knn_preservation(a(scaled_points), a(scaled_coords),
+                                                                                   cpu),
     }
     details: dict = {"run": name, "layer": layer, "head": head, "n_tokens": run.n_tokens, "array_module": label}
     failures = []
     for function, call in calls.items():
         try:
+            began = time.perf_counter()
             reference = flatten_result(call(np.asarray))
+            cpu_seconds = time.perf_counter() - began
         except Exception as error:  # noqa: BLE001
             details[function] = {"status": "skipped", "reason": f"CPU reference failed: {describe(error)}"}
             continue
@@ -464,11 +478,12 @@ def step_normalization_and_quality(context: dict) -> dict:
         seconds = time.perf_counter() - began
         flat = flatten_result(result)
         on_device = any(hasattr(value, "__cuda_array_interface__") for value in flat.values())
-        is_metric = function in ("attention_agreement", "knn_preservation")  # shares of neighbour sets
+        is_metric = function.startswith(("attention_agreement", "knn_preservation"))  # shares of neighbour sets
         measure, tolerance = (absolute_error, METRIC_TOLERANCE) if is_metric else (relative_error,
                                                                                     FP32_RELATIVE_TOLERANCE)
         worst = max((measure(value, to_host(flat[key])) for key, value in reference.items()), default=0.0)
         details[function] = {"status": "compared", "returned_device_arrays": on_device, "seconds": round(seconds, 4),
+                             "cpu_seconds": round(cpu_seconds, 4),
                              "max_err": worst, "error": measure.__name__, "tolerance": tolerance,
                              "values": {k: float(np.asarray(v).ravel()[0]) for k, v in reference.items()
                                         if np.size(v) == 1}}
@@ -481,6 +496,18 @@ def step_normalization_and_quality(context: dict) -> dict:
     if "compared" not in statuses.values():
         raise Skipped(f"no CuPy path in {', '.join(statuses)}: nothing to compare", details)
     return details
+
+
+def scaled_head(points: np.ndarray, coords: np.ndarray, n_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """The head's points and layout repeated with small noise to about `n_points` rows (unit rows
+    again), so that the kNN search is timed at a size where a GPU matters."""
+    rng = np.random.default_rng(0)
+    repeats = max(1, -(-n_points // len(points)))
+    many = np.tile(points, (repeats, 1)) + rng.normal(0, 0.02, (repeats * len(points), points.shape[1]))
+    many /= np.linalg.norm(many, axis=1, keepdims=True)
+    spread = float(coords.std())
+    layout = np.tile(coords, (repeats, 1)) + rng.normal(0, 0.02 * spread, (repeats * len(coords), coords.shape[1]))
+    return many.astype(np.float32), layout.astype(np.float32)
 
 
 def flatten_result(result) -> dict:
@@ -553,9 +580,9 @@ def step_heads(context: dict) -> dict:
     for head in range(runs["device"].n_heads):
         check_time(context, f"measure_head layer {layer} head {head}")
         began = time.perf_counter()
-        on_device = numeric_values(measure_head(runs["device"], layer, head))
+        on_device = numeric_values(measure_head(runs["device"], layer, head, device=context["device"]))
         seconds = time.perf_counter() - began
-        on_cpu = numeric_values(measure_head(runs["cpu"], layer, head))
+        on_cpu = numeric_values(measure_head(runs["cpu"], layer, head, device="cpu"))
         common = sorted(set(on_device) & set(on_cpu))
         if not common:
             raise CheckFailed(f"measure_head returned no numbers to compare (keys: {sorted(on_device)[:10]})")
@@ -567,6 +594,50 @@ def step_heads(context: dict) -> dict:
     print_line(f"  measure_head: {details['seconds_per_head']} s per head, device run vs cpu run {worst:.2e}")
     if worst > MEASUREMENT_TOLERANCE:
         raise CheckFailed(f"measurements differ by {worst:.2e} (> {MEASUREMENT_TOLERANCE})", details)
+    return details
+
+
+def step_heads_on_device(context: dict) -> dict:
+    """`pipeline.heads.measure_run` of each run's last layer (every head; the run as its own probe
+    where causal) with its torch math on the check's device vs on the CPU: the same stored Q/K,
+    so only the arithmetic differs. Measurements and top-sequence scores must agree within
+    MEASUREMENT_TOLERANCE; top-sequence ids that differ (near-ties) are counted, not failed."""
+    from pipeline.heads import measure_run
+
+    if not context["runs"]:
+        raise Skipped("no run: extraction did not complete")
+    details: dict = {"device": context["device"]}
+    failures = []
+    for name, runs in context["runs"].items():
+        run = runs["device"]
+        layer = run.layers[-1]
+        probe = run if run.mask_rule == "causal" else None
+        timed, results = {}, {}
+        for device in (context["device"], "cpu"):
+            check_time(context, f"measure_run {name} on {device}")
+            began = time.perf_counter()
+            results[device] = measure_run(run, probe, layers=[layer], device=device)
+            timed[device] = round(time.perf_counter() - began, 4)
+        (measured, top), (reference, reference_top) = results[context["device"]], results["cpu"]
+        values, expected = numeric_values(measured), numeric_values(reference)
+        scores, expected_scores = numeric_values(top["score"].tolist()), numeric_values(reference_top["score"].tolist())
+        if set(values) != set(expected) or set(scores) != set(expected_scores):
+            failures.append(f"{name}: the device's results have other fields or top-sequence ranks than the CPU's")
+            continue
+        worst = max([value_difference(values[k], expected[k]) for k in expected]
+                    + [value_difference(scores[k], expected_scores[k]) for k in expected_scores])
+        details[name] = {"layer": layer, "n_heads": run.n_heads, "mask_rule": run.mask_rule, "probe": probe is not None,
+                         "n_tokens": run.n_tokens, "seconds": {f"on_{d}": t for d, t in timed.items()},
+                         "n_values": len(expected) + len(expected_scores), "max_abs_diff": worst,
+                         "top_seq_ids_differing": int((top["seq_id"].to_numpy()
+                                                       != reference_top["seq_id"].to_numpy()).sum())}
+        print_line(f"  {name}: measure_run layer {layer} on {context['device']} {timed[context['device']]} s, "
+                   f"on cpu {timed['cpu']} s; max abs diff {worst:.2e}")
+        if not worst <= MEASUREMENT_TOLERANCE:
+            failures.append(f"{name}: measurements on {context['device']} differ from the CPU's by {worst:.2e} "
+                            f"(> {MEASUREMENT_TOLERANCE})")
+    if failures:
+        raise CheckFailed("; ".join(failures), details)
     return details
 
 
@@ -643,7 +714,7 @@ def write_report(report: dict, out: Path) -> None:
 
 STEPS = [("environment", step_environment), ("extraction", step_extraction),
          ("normalization_and_quality", step_normalization_and_quality), ("projections", step_projections),
-         ("heads", step_heads), ("sizes", step_sizes)]
+         ("heads", step_heads), ("heads_on_device", step_heads_on_device), ("sizes", step_sizes)]
 
 
 def interrupt(_signal, _frame):

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
-from pipeline.attention import attention_weights
+from pipeline.arrays import array_module, nearest, stable_argsort, to_host
 from pipeline.config import ReduceConfig
 from pipeline.normalize import normalize_head
 from pipeline.reduce import Unsupported, load_backend
@@ -28,12 +28,14 @@ SAMPLE_DEFAULTS = {"cpu": {"umap": (50_000, 20_000), "tsne": (20_000, 10_000), "
 INTERPOLATION_NEIGHBOURS = 10
 
 
-def head_points(queries: np.ndarray, keys: np.ndarray, config: ReduceConfig) -> tuple[np.ndarray, dict]:
-    """[2 * n_tokens, d_head]: normalized queries then keys, unit rows for the cosine metric."""
+def head_points(queries, keys, config: ReduceConfig) -> tuple:
+    """[2 * n_tokens, d_head] float32: normalized queries then keys, unit rows for the cosine
+    metric; NumPy or CuPy in, the same kind out."""
     queries, keys, applied = normalize_head(queries, keys, config.translate_keys, config.scale_norms)
-    points = np.vstack([queries, keys]).astype(np.float32)
+    xp = array_module(queries, keys)
+    points = xp.concatenate([queries, keys]).astype(xp.float32)
     if config.metric == "cosine":
-        points /= np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
+        points /= xp.maximum(xp.linalg.norm(points, axis=1, keepdims=True), xp.float32(1e-12))
     return points, {"translate_keys": config.translate_keys, "scale_norms": config.scale_norms,
                     "scale_factor": applied.scale, "metric": config.metric}
 
@@ -101,33 +103,39 @@ def project_points(points: np.ndarray, method: str, dim: int, config: ReduceConf
 # --- quality -------------------------------------------------------------------------------
 
 
-def knn_preservation(points: np.ndarray, coords: np.ndarray, backend: ModuleType, k: int = 15,
-                     n_probe: int = 1000, seed: int = 0) -> float:
+def knn_preservation(points, coords, backend: ModuleType, k: int = 15, n_probe: int = 1000,
+                     seed: int = 0) -> float:
     """Mean fraction of a point's k nearest neighbours in the normalized space that are also
-    among its k nearest in the projection (exact search, sampled probes)."""
-    from pipeline.reduce import cpu
-
+    among its k nearest in the projection (exact search, sampled probes). NumPy arrays are
+    searched with faiss, CuPy arrays by brute force on the device (`pipeline.arrays.nearest`);
+    the probes are drawn on the host, so both search the same points. `backend` (the reduce
+    backend) is not used: the arrays' kind decides."""
+    xp = array_module(points, coords)
+    points, coords = xp.asarray(points, dtype=xp.float32), xp.asarray(coords, dtype=xp.float32)
     probe = np.random.default_rng(seed).choice(len(points), min(n_probe, len(points)), replace=False)
-    exact = cpu if len(points) <= 50_000 or backend.name == "cpu" else backend
-    high = _neighbours_excluding_self(exact, points, probe, k)
-    low = _neighbours_excluding_self(exact, np.ascontiguousarray(coords, np.float32), probe, k)
+    high = _neighbours_excluding_self(points, probe, k)
+    low = _neighbours_excluding_self(coords, probe, k)
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(high, low)]))
 
 
-def _neighbours_excluding_self(backend, reference, probe, k):
-    import faiss
-
-    index = faiss.IndexFlatL2(reference.shape[1])
-    index.add(np.ascontiguousarray(reference, np.float32))
-    _, indices = index.search(np.ascontiguousarray(reference[probe], np.float32), k + 1)
-    return [[i for i in row if i != p][:k] for row, p in zip(indices, probe)]
+def _neighbours_excluding_self(reference, probe: np.ndarray, k: int) -> list[list[int]]:
+    xp = array_module(reference)
+    indices = to_host(nearest(reference, reference[xp.asarray(probe)], k + 1)).tolist()
+    return [[i for i in row if i != p][:k] for row, p in zip(indices, probe.tolist())]
 
 
-def attention_agreement(queries: np.ndarray, keys: np.ndarray, coords: np.ndarray, sequences: np.ndarray,
-                        scale: float, mask_rule: str, top: int = 5, n_probe: int = 300,
-                        seed: int = 0) -> dict:
+def attention_agreement(queries, keys, coords, sequences: np.ndarray, scale: float, mask_rule: str,
+                        top: int = 5, n_probe: int = 300, seed: int = 0) -> dict:
     """For sampled queries: the share of the `top` keys they attend to most (in their own
-    sequence) that are among their `top` nearest keys in the projection; with chance level."""
+    sequence) that are among their `top` nearest keys in the projection; with chance level.
+
+    `queries`, `keys` [n_tokens, d_head] and `coords` [2 * n_tokens, dim], NumPy or CuPy;
+    `sequences` [n_sequences, 2] (token_offset, n_tokens) on the host, where the probes are
+    drawn. Keys are ranked by their float64 score (softmax is monotone) and by their float64
+    squared distance, summed in a fixed order, ties to the earlier position, so that NumPy and
+    CuPy rank alike."""
+    xp = array_module(queries, keys, coords)
+    queries, keys, coords = xp.asarray(queries), xp.asarray(keys), xp.asarray(coords)
     n_tokens = len(queries)
     starts, lengths = sequences[:, 0], sequences[:, 1]
     rng = np.random.default_rng(seed)
@@ -139,16 +147,18 @@ def attention_agreement(queries: np.ndarray, keys: np.ndarray, coords: np.ndarra
         start, length = int(starts[seq]), int(lengths[seq])
         low = 2 * top if mask_rule == "causal" else 0
         pos = int(rng.integers(low, length))
-        window = slice(start, start + length)
-        weights = attention_weights(queries[window], keys[window], scale, mask_rule)[pos]
-        allowed = np.arange(length) if mask_rule != "causal" else np.arange(pos + 1)
-        attended = set(allowed[np.argsort(-weights[allowed])[:top]])
-        key_coords = coords[n_tokens + start + allowed]
-        distance = np.linalg.norm(key_coords - coords[start + pos], axis=1)
-        nearest = set(allowed[np.argsort(distance)[:top]])
-        hits.append(len(attended & nearest) / top)
-        chance.append(top / len(allowed))
-    return {"attention_agreement": float(np.mean(hits)), "attention_chance": float(np.mean(chance))}
+        n_visible = pos + 1 if mask_rule == "causal" else length
+        visible_keys = keys[start:start + n_visible].astype(xp.float64)
+        scores = (visible_keys @ queries[start + pos].astype(xp.float64)) * scale
+        attended = stable_argsort(-scores)[:top]
+        offsets = coords[n_tokens + start:n_tokens + start + n_visible].astype(xp.float64) - \
+            coords[start + pos].astype(xp.float64)
+        squared = sum(offsets[:, axis] * offsets[:, axis] for axis in range(offsets.shape[1]))  # fixed order
+        nearest_keys = stable_argsort(squared)[:top]
+        hits.append((attended[:, None] == nearest_keys[None, :]).any(axis=1).sum())
+        chance.append(top / n_visible)
+    return {"attention_agreement": float(to_host(xp.stack(hits)).mean() / top),
+            "attention_chance": float(np.mean(chance))}
 
 
 # --- the stage -----------------------------------------------------------------------------

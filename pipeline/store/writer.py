@@ -39,7 +39,7 @@ SEQUENCE_SCHEMA = pa.schema([
 ])
 
 COMPRESSORS = {
-    # Real fp16 Q/K barely compress (ratio ~1.01 on MiniLM), so the default is the cheapest codec.
+    # Real fp16 Q/K barely compress (ratio ~1.01 on MiniLM with lz4), so the default is none.
     "lz4": lambda: BloscCodec(cname="lz4", clevel=1, shuffle=BloscShuffle.shuffle),
     "zstd": lambda: BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),
     "none": lambda: None,
@@ -151,7 +151,7 @@ class VectorSpec:
     d_head: int
     dtype: str = "float16"
     chunk_tokens: int = 16384
-    compression: str = "lz4"
+    compression: str = "none"
 
 
 class PartWriter:
@@ -500,8 +500,8 @@ def collect_garbage(run: RunDir) -> int:
                 run.remove(table, file)
                 removed += 1
     projections = committed_projections(run)
-    live_heads = {(layout_name(m, d), f"{head_name(l, h)}-{record['token']}")
-                  for (m, d, l, h), record in projections.items()}
+    live_heads = {(layout_name(method, dim), f"{head_name(layer, head)}-{record['token']}")
+                  for (method, dim, layer, head), record in projections.items()}
     for folder in run.listdir("projections.zarr"):
         for entry in run.listdir("projections.zarr", folder):
             if (folder, entry) not in live_heads:

@@ -16,8 +16,11 @@ import param
 from bokeh.core.validation import silence
 from bokeh.core.validation.warnings import FIXED_SIZING_MODE
 
-from viz.data import (KEY_COLOUR, QUERY_COLOUR, SELECTED_COLOUR, RunData, colour_modes, export_bytes, pick_point,
-                      point_info, points_in_box, points_in_lasso, search_tokens, selection_frame, top_keys, url_state)
+from viz import attention_lines, tokens_layer
+from viz.data import (KEY_COLOUR, MODE_DESCRIPTIONS, QUERY_COLOUR, SELECTED_COLOUR, RunData, colour_modes,
+                      export_bytes, pick_point, point_info, points_in_box, points_in_lasso, search_tokens,
+                      selection_frame, url_state)
+from viz.emphasis import StyledRaster, emphasise_tile, tile_pixels
 from viz.heads_view import HeadAtlas
 from viz.labels import labels_element, region_frame, visible_labels
 from viz.raster import HeadRaster, shade_thumbnail
@@ -56,9 +59,12 @@ def thumbnail(data: RunData, method: str, dim: int, layer: int, head: int, mode:
     return image
 
 
-def mosaic(data: RunData, method: str, dim: int, mode: str, size: int = THUMB, gap: int = 4) -> np.ndarray:
+def mosaic(data: RunData, method: str, dim: int, mode: str, size: int = THUMB, gap: int = 4,
+           hits: np.ndarray | None = None, hit_pixels: dict | None = None) -> np.ndarray:
     """Every head as a thumbnail: layers as rows (first layer on top), heads as columns. A
-    head without this projection is a light grey tile."""
+    head without this projection is a light grey tile. With `hits` (point indices), every
+    tile is faded and the hits marked (`viz.emphasis`); `hit_pixels` keeps their pixels per head
+    between calls, so a colour change does not read every projection again."""
     layers, n_heads = data.run.layers, data.run.n_heads
     cell = size + gap
     canvas = np.full((len(layers) * cell, n_heads * cell, 4), 255, dtype=np.uint8)
@@ -66,7 +72,14 @@ def mosaic(data: RunData, method: str, dim: int, mode: str, size: int = THUMB, g
         for head in range(n_heads):
             y, x = r * cell + gap // 2, head * cell + gap // 2
             if data.has(method, dim, layer, head):
-                canvas[y:y + size, x:x + size] = thumbnail(data, method, dim, layer, head, mode, size)
+                tile = thumbnail(data, method, dim, layer, head, mode, size)
+                if hits is not None and len(hits):
+                    cache = hit_pixels if hit_pixels is not None else {}
+                    key = (method, dim, layer, head, size)
+                    if key not in cache:
+                        cache[key] = tile_pixels(data.coords(method, dim, layer, head), hits, size)
+                    tile = emphasise_tile(tile, cache[key])
+                canvas[y:y + size, x:x + size] = tile
             else:
                 canvas[y:y + size, x:x + size] = (235, 235, 235, 255)
     return canvas
@@ -144,7 +157,8 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(position, stops, HEAT_STOPS[:, c]) for c in range(3)], axis=-1).astype(np.uint8)
 
 
-def legend_html(colouring) -> str:
+def legend_html(colouring, description: str | None = None, notes: tuple[str, ...] = ()) -> str:
+    """The legend of a colour mode, with its one-line description and any notes (dot size, emphasis)."""
     labels, colours = colouring.labels, colouring.colours
     if len(labels) > 10:  # ramps: first and last of each
         shown = [(labels[0], colours[0]), (labels[len(labels) // 2 - 1], colours[len(labels) // 2 - 1])]
@@ -156,7 +170,10 @@ def legend_html(colouring) -> str:
         shown = list(zip(labels, colours))
     items = "".join(f'<span style="margin-right:10px"><span style="display:inline-block;width:10px;height:10px;'
                     f'background:{c};margin-right:3px"></span>{html.escape(t)}</span>' for t, c in shown)
-    return f'<div style="font-size:11px">{items}</div>'
+    lines = [f'<span class="qk-mode-description">{html.escape(description)}</span>'] if description else []
+    lines += [html.escape(note) for note in notes]
+    about = f'<div style="font-size:11px;color:#555">{" · ".join(lines)}</div>' if lines else ""
+    return f'<div style="font-size:11px">{items}</div>{about}'
 
 
 # --- the app ----------------------------------------------------------------------------
@@ -214,11 +231,21 @@ class Dashboard(param.Parameterized):
                                          streams=[self.head_state, self.range_stream, self.size_stream])
         self.raster_dmap = self.raster_dmap.opts(hv.opts.RGB(
             width=PLOT_W, height=PLOT_H, tools=["box_select", "lasso_select"],
-            active_tools=["pan", "wheel_zoom"], framewise=True, shared_axes=False, xaxis=None, yaxis=None, toolbar="above"))
+            active_tools=["pan", "wheel_zoom"], framewise=True, shared_axes=False, xaxis=None, yaxis=None,
+            toolbar="above"))
         self.marks_dmap = hv.DynamicMap(self._marks, streams=[self.mark_state])
         self.labels_w = pn.widgets.Checkbox(name="labels", value=True, width=80, css_classes=["qk-labels-toggle"])
         self.labels_dmap = hv.DynamicMap(self._region_labels, streams=[
             self.head_state, self.range_stream, self.size_stream, self.labels_w.param.value])
+        self.tokens_w = pn.widgets.Checkbox(name="token labels", value=True, width=100,
+                                            css_classes=["qk-token-labels-toggle"])
+        self.size_w = pn.widgets.Checkbox(name="size by norm", value=False, width=100, css_classes=["qk-size-norm"])
+        self.lines_w = pn.widgets.Checkbox(name="attention lines", value=True, width=110,
+                                           css_classes=["qk-lines-toggle"])
+        self.clear_w = pn.widgets.Button(name="clear selection", width=120, css_classes=["qk-clear"])
+        self.tokens_dmap = hv.DynamicMap(self._token_labels, streams=[
+            self.head_state, self.range_stream, self.size_stream, self.tokens_w.param.value])
+        self.hit_pixels: dict = {}
         tap = hv.streams.Tap(source=self.raster_dmap)
         tap.add_subscriber(self._on_tap)
         pointer = hv.streams.PointerXY(source=self.raster_dmap)
@@ -228,7 +255,8 @@ class Dashboard(param.Parameterized):
         lasso = hv.streams.Lasso(source=self.raster_dmap)
         lasso.add_subscriber(lambda geometry=None, **_: self._on_select(polygon=geometry))
         self._streams = (tap, pointer, box, lasso)
-        self.head_plot = pn.pane.HoloViews(self.raster_dmap * self.labels_dmap * self.marks_dmap, css_classes=["qk-head-plot"])
+        self.head_plot = pn.pane.HoloViews(self.raster_dmap * self.labels_dmap * self.marks_dmap * self.tokens_dmap,
+                                           css_classes=["qk-head-plot"])
         self.plot3d = pn.pane.Plotly(None, visible=False, width=PLOT_W, height=PLOT_H, css_classes=["qk-plot3d"])
         self.legend = pn.pane.HTML("", css_classes=["qk-legend"])
         self.hover_pane = pn.pane.HTML('<i>hover a point</i>', css_classes=["qk-hover"], width=PLOT_W, height=48)
@@ -262,7 +290,8 @@ class Dashboard(param.Parameterized):
 
         self.tabs = pn.Tabs(("Matrix", pn.Column(
             self.matrix_caption, self.atlas.matrix_controls(), self.matrix_pane)), ("Head", pn.Row(
-                pn.Column(self.title, pn.Row(self.legend, self.labels_w), self.head_plot, self.plot3d, self.hover_pane,
+                pn.Column(self.title, pn.Row(self.legend, self.labels_w, self.tokens_w, self.size_w, self.lines_w,
+                                             self.clear_w), self.head_plot, self.plot3d, self.hover_pane,
                           self.selection_info, pn.Row(self.csv_button, self.parquet_button), self.table),
                 pn.Column(pn.pane.HTML("<b>Sequence</b>"), self.sequence_info, self.image_pane, self.sequence_pane),
                 pn.Column(self.atlas.head_panel(),
@@ -273,6 +302,9 @@ class Dashboard(param.Parameterized):
         for widget in (self.method_w, self.dim_w, self.layer_w, self.head_w, self.colour_w):
             widget.param.watch(self._on_change, "value")
         self.search_w.param.watch(self._on_search, "value")
+        self.size_w.param.watch(lambda _: self._load_head(keep_range=True), "value")
+        self.lines_w.param.watch(lambda _: self.mark_state.event(version=self.mark_state.version + 1), "value")
+        self.clear_w.on_click(lambda _: self.clear_selection())
         self._update_dims()
         self._update_caption()
         self._load_head()
@@ -322,9 +354,23 @@ class Dashboard(param.Parameterized):
             self.count_pane.object = (f'<span class="qk-count">{len(self.matches):,} matches</span> '
                                       f'({2 * len(self.matches):,} points in every head)' if event.new.strip() else "")
         self._load_head(keep_range=True)
-        self.matrix_state.event(version=self.matrix_state.version + 1)
+        self.hit_pixels = {}
+        self._update_caption()
+        self.matrix_pane.loading = True
+        try:
+            self.matrix_state.event(version=self.matrix_state.version + 1)
+        finally:
+            self.matrix_pane.loading = False
 
     def _load_head(self, keep_range: bool = False):
+        """Shows the current head, with the head view's loading indicator on while it loads."""
+        self.head_plot.loading = True
+        try:
+            self._show_head(keep_range)
+        finally:
+            self.head_plot.loading = False
+
+    def _show_head(self, keep_range: bool):
         method, dim, layer, head = self.method_w.value, self.dim_w.value, self.layer_w.value, self.head_w.value
         data = self.data
         if not data.has(method, dim, layer, head):
@@ -334,7 +380,10 @@ class Dashboard(param.Parameterized):
             return
         self.message.object = ""
         colouring = data.colouring(self.colour_w.value, layer, head)
-        self.legend.object = legend_html(colouring)
+        notes = (("dot size: vector norm (smallest, middle and largest third of the queries, and of the keys)",)
+                 if self.size_w.value else ()) + (("search hits enlarged and outlined, the rest faded",)
+                                                  if len(self.matches) else ())
+        self.legend.object = legend_html(colouring, MODE_DESCRIPTIONS.get(self.colour_w.value), notes)
         self.title.object = f"<b>Layer {layer}, head {head}</b> · {method} {dim}-D · {2 * data.n:,} points"
         coords = data.coords(method, dim, layer, head)
         highlight = np.concatenate([self.matches, self.matches + data.n]) if len(self.matches) else None
@@ -343,7 +392,8 @@ class Dashboard(param.Parameterized):
             self.plot3d.object = self._figure_3d(coords, colouring, highlight)
             self.plot3d.visible, self.head_plot.visible = True, False
         else:
-            self.raster = HeadRaster(coords, colouring, highlight)
+            tiers = data.norm_tiers(layer, head) if self.size_w.value else None
+            self.raster = StyledRaster(coords, colouring, highlight, tiers, fade=self.selected_point is not None)
             self.plot3d.visible, self.head_plot.visible = False, True
             if not keep_range:
                 self._reset_range = True
@@ -375,9 +425,10 @@ class Dashboard(param.Parameterized):
     def _raster_element(self, version=0, x_range=None, y_range=None, width=None, height=None, **_):
         if self.raster is None:
             return hv.RGB(np.zeros((2, 2, 4), dtype=np.uint8))
-        if self._reset_range:
-            x_range = y_range = None
+        if self._reset_range:  # a new head: its full range, remembered as the stream's, which the
+            x_range = y_range = None  # browser does not report back when the server sets it
             self._reset_range = False
+            self.range_stream.update(x_range=self.raster.x_full, y_range=self.raster.y_full)
         width, height = int(width or PLOT_W), int(height or PLOT_H)
         self.view_range = (x_range, y_range, width, height)
         return self.raster.element(x_range, y_range, width, height)
@@ -409,7 +460,46 @@ class Dashboard(param.Parameterized):
             return
         self.selected_point = point
         self._show_sequence()
+        self._selection_changed()
+
+    def _selection_changed(self):
+        """Redraws what shows the clicked point: the raster (faded under a selected sentence),
+        the sentence's labels, lines and marks."""
+        if isinstance(self.raster, StyledRaster):
+            self.raster.fade = self.selected_point is not None
+            self.head_state.event(version=self.head_state.version + 1)
         self.mark_state.event(version=self.mark_state.version + 1)
+
+    def clear_selection(self):
+        """Forgets the clicked point (its sentence, lines and sequence view) and the box or lasso
+        selection; the search stays."""
+        self.selected_point = None
+        self.selection = pd.DataFrame()
+        self._show_selection()
+        self.sequence_pane.visible = self.image_pane.visible = False
+        self.sequence_info.object = "<i>click a point to open its sequence</i>"
+        self._selection_changed()
+
+    def _selected_sentence(self):
+        """(point info, first token's row, sentence points) of the clicked point, or None."""
+        if self.selected_point is None or self.raster is None:
+            return None
+        info = point_info(self.data.tokens, None, self.selected_point)
+        offset = self.selected_point % self.data.n - info["pos"]
+        return info, offset, attention_lines.sentence_points(offset, info["seq_len"], self.data.n)
+
+    def _token_labels(self, **_):
+        """Token labels where few points are in view, and the clicked sentence's "pos:token"."""
+        empty = tokens_layer.labels_element(pd.DataFrame({c: [] for c in tokens_layer.COLUMNS}))
+        if self.raster is None or self.dim_w.value == 3:
+            return empty
+        x_range, y_range, width, height = self.view_range
+        selected = self._selected_sentence()
+        labels = tokens_layer.token_labels(self.raster.coords, self.data.tokens, x_range or self.raster.x_full,
+                                           y_range or self.raster.y_full, width, height,
+                                           sentence=selected[2] if selected else None,
+                                           show_tokens=self.tokens_w.value)
+        return tokens_layer.labels_element(labels)
 
     def _region_labels(self, **_):
         """The names of the head's regions in the raster's current range (`viz.labels`)."""
@@ -422,37 +512,35 @@ class Dashboard(param.Parameterized):
                                              width, height))
 
     def _marks(self, version=0, **_):
-        """Overlay on the projection: the hovered point with its token, the selected point, its
-        sequence's other points, and the selected query's top keys as lines (opacity = weight)."""
-        empty = hv.Overlay([hv.Segments([], kdims=["x0", "y0", "x1", "y1"]), hv.Points([]), hv.Labels([])])
+        """Overlay on the projection (`viz.attention_lines`): the hovered point with its token;
+        the clicked point, its sentence's queries and keys, with the "attention lines" box every
+        query's top 2 keys (weight >= 0.05, opacity = weight), and the clicked point's own
+        strongest links (a query's top keys, or the queries that attend most to a key)."""
         if self.raster is None or self.dim_w.value == 3:
-            return empty
+            return attention_lines.marks_element(np.zeros((0, 2)), self.data.n, None, None, None, None, None)
         coords, n = self.raster.coords, self.data.n
-        segments, points, labels = [], [], []
-        if self.selected_point is not None:
-            p = self.selected_point
-            info = point_info(self.data.tokens, None, p)
-            offset = p % n - info["pos"]
-            members = np.arange(offset, offset + info["seq_len"])
-            points += [(coords[i, 0], coords[i, 1], "sequence") for i in np.concatenate([members, members + n])]
-            if info["kind"] == "query":
-                attention = self.data.attention(info["seq_id"], self.layer_w.value, self.head_w.value)
-                for j, w in top_keys(attention, info["pos"], 5):
-                    k = n + offset + j
-                    segments.append((coords[p, 0], coords[p, 1], coords[k, 0], coords[k, 1], w))
-            points.append((coords[p, 0], coords[p, 1], "selected"))
+        sentence = lines = own = None
+        selected = self._selected_sentence()
+        if selected is not None:
+            info, offset, sentence = selected
+            attention = self._sentence_attention(info["seq_id"])
+            if self.lines_w.value:
+                lines = attention_lines.line_segments(attention_lines.sentence_lines(attention), coords, offset, n)
+            own = attention_lines.line_segments(attention_lines.point_lines(attention, info["pos"], info["kind"]),
+                                                coords, offset, n)
+        hover = None
         if self.hover_point is not None:
-            h = self.hover_point
-            labels.append((coords[h, 0], coords[h, 1], str(self.data.tokens["token"].iat[h % n])))
-            points.append((coords[h, 0], coords[h, 1], "hover"))
-        seg = hv.Segments(segments, kdims=["x0", "y0", "x1", "y1"], vdims=["weight"]).opts(
-            color="#333333", line_width=2, alpha=hv.dim("weight").norm() * 0.8 + 0.2 if segments else 1)
-        pts = hv.Points(points, vdims=["role"]).opts(
-            color=hv.dim("role").categorize({"sequence": "#777777", "selected": SELECTED_COLOUR, "hover": "black"}),
-            size=hv.dim("role").categorize({"sequence": 4, "selected": 10, "hover": 8}), line_color="white")
-        text = hv.Labels(labels, ["x", "y"], "text").opts(text_font_size="11pt", yoffset=0, text_baseline="bottom",
-                                                          text_color="black")
-        return hv.Overlay([seg, pts, text])
+            hover = (self.hover_point, str(self.data.tokens["token"].iat[self.hover_point % n]))
+        return attention_lines.marks_element(coords, n, sentence, lines, own, self.selected_point, hover)
+
+    def _sentence_attention(self, seq_id: int) -> np.ndarray:
+        """The open head's attention over sequence `seq_id`, kept while it stays selected (the
+        marks are redrawn on every hover)."""
+        key = (seq_id, self.layer_w.value, self.head_w.value)
+        if getattr(self, "_attention_key", None) != key:
+            self._attention = self.data.attention(*key)
+            self._attention_key = key
+        return self._attention
 
     def _show_sequence(self):
         info = point_info(self.data.tokens, self.data.sequences, self.selected_point)
@@ -528,19 +616,23 @@ class Dashboard(param.Parameterized):
         """Select query `pos` of sequence `seq_id` in the open head and show the sequence view."""
         self.selected_point = self.data.token_offset(seq_id) + pos
         self._show_sequence()
-        self.mark_state.event(version=self.mark_state.version + 1)
+        self._selection_changed()
 
     # matrix view -----------------------------------------------------------------------
     def _matrix_element(self, version=0, **_):
         method, dim, mode = self.method_w.value, self.dim_w.value, self.colour_w.value
-        image = self.atlas.arrange(mosaic(self.data, method, dim, mode), THUMB + 4)
+        hits = np.concatenate([self.matches, self.matches + self.data.n]) if len(self.matches) else None
+        image = self.atlas.arrange(mosaic(self.data, method, dim, mode, hits=hits, hit_pixels=self.hit_pixels),
+                                   THUMB + 4)
+        found = f" · {len(self.matches):,} hits" if hits is not None else ""
         layers, n_heads = self.data.run.layers, self.data.run.n_heads
         n_layers = len(layers)
-        rgb = hv.RGB(image, bounds=(0, 0, n_heads, n_layers), kdims=["head", "layer"]).opts(shared_axes=False, 
+        rgb = hv.RGB(image, bounds=(0, 0, n_heads, n_layers), kdims=["head", "layer"]).opts(shared_axes=False,
             frame_width=n_heads * (THUMB + 4), frame_height=n_layers * (THUMB + 4),
             xticks=self.atlas.column_ticks(n_heads),
             yticks=[(n_layers - r - 0.5, f"L{layer}") for r, layer in enumerate(layers)],
-            xlabel="", ylabel="", toolbar=None, default_tools=[], tools=["tap"], xaxis="top", title=f"{method} {dim}-D · {mode}")
+            xlabel="", ylabel="", toolbar=None, default_tools=[], tools=["tap"], xaxis="top",
+            title=f"{method} {dim}-D · {mode}{found}")
         return rgb.opts(xlim=(0, n_heads), ylim=(0, n_layers))
 
     def _matrix_boxes(self, version=0, **_):
@@ -551,7 +643,8 @@ class Dashboard(param.Parameterized):
             r = layers.index(current[0])
             c = self.atlas.column_of(r, current[1])
             rows.append((c, n_layers - r - 1, c + 1, n_layers - r, "selected"))
-        boxes = hv.Rectangles(rows, kdims=["head", "layer", "head1", "layer1"], vdims=["role"]).opts(fill_alpha=0, line_color=SELECTED_COLOUR, line_width=3)
+        boxes = hv.Rectangles(rows, kdims=["head", "layer", "head1", "layer1"], vdims=["role"]).opts(
+            fill_alpha=0, line_color=SELECTED_COLOUR, line_width=3)
         return boxes
 
     def _update_caption(self):
@@ -560,8 +653,10 @@ class Dashboard(param.Parameterized):
         shown = len(self.data.available.get((method, dim), ()))
         missing = (f" Missing heads: qkatlas reduce {html.escape(self.data.run.dir.url)} --method {method} --dim {dim}"
                    if shown < total else "")
+        found = (f' <span class="qk-matrix-hits">Search: {len(self.matches):,} tokens, marked orange in every '
+                 'head, the rest faded.</span>' if len(self.matches) else "")
         self.matrix_caption.object = (f"<b>Every head</b>: {shown} of {total} heads projected ({method} {dim}-D), "
-                                      f"layers as rows, heads as columns; click one to open it.{missing}")
+                                      f"layers as rows, heads as columns; click one to open it.{found}{missing}")
 
     def _on_matrix_tap(self, x=None, y=None, **_):
         if x is None or y is None:

@@ -328,6 +328,9 @@ from workflows import run_cli, serve_cli, status_cli  # noqa: E402  (commands ke
 run_cli.register(app, bench_app)
 serve_cli.register(app, bench_app)
 status_cli.register(app, bench_app)
+from workflows import compare_cli  # noqa: E402
+
+compare_cli.register(app, bench_app)
 
 
 def main() -> None:

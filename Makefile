@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean gpu-check
+.PHONY: demo test lint bench install clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("qkatlas needs Python >= 3.11") if sys.version_info < (3, 11) else None'
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff with the rule set in pyproject.toml everywhere, and mypy on the library
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline viz workflows tests
+	$(BIN)/mypy pipeline
 
 bench: $(STAMP)
 	$(BIN)/qkatlas bench extract

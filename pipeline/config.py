@@ -95,8 +95,8 @@ class TSNEParams(_Strict):
 class ReduceConfig(_Strict):
     """Which per-head projections to compute, and how (defaults follow AttentionViz)."""
 
-    methods: list[Literal["pca", "umap", "tsne"]] = Field(default_factory=lambda: ["umap"])
-    dims: list[Literal[2, 3]] = Field(default_factory=lambda: [2])
+    methods: list[Literal["pca", "umap", "tsne"]] = ["umap"]  # pydantic copies mutable defaults
+    dims: list[Literal[2, 3]] = [2]
     layers: list[int] | None = None
     heads: list[int] | None = None
     backend: Literal["auto", "cpu", "gpu"] = "auto"
@@ -217,6 +217,19 @@ class WorkflowConfig(_Strict):
     regions: bool = Field(True, description="find and label the regions of every 2-D layout (head-view labels)")
 
 
+def cluster_shorthand(value):
+    """`cluster: local` means {kind: local}; a mapping with `address` and no `kind` is a scheduler."""
+    if value is None:
+        return {"kind": "local"}
+    if isinstance(value, str):
+        if value not in CLUSTER_KINDS:
+            raise ValueError(f"cluster must be one of {', '.join(CLUSTER_KINDS)} or a mapping, got {value!r}")
+        return {"kind": value}
+    if isinstance(value, dict) and "kind" not in value:
+        return dict(value, kind="scheduler" if "address" in value else "local")
+    return value
+
+
 class RunConfig(_Strict):
     """A whole run file (`configs/*.yaml`)."""
 
@@ -228,16 +241,7 @@ class RunConfig(_Strict):
     @field_validator("cluster", mode="before")
     @classmethod
     def _cluster_shorthand(cls, value):
-        """`cluster: local` means {kind: local}; a mapping with `address` and no `kind` is a scheduler."""
-        if value is None:
-            return {"kind": "local"}
-        if isinstance(value, str):
-            if value not in CLUSTER_KINDS:
-                raise ValueError(f"cluster must be one of {', '.join(CLUSTER_KINDS)} or a mapping, got {value!r}")
-            return {"kind": value}
-        if isinstance(value, dict) and "kind" not in value:
-            return dict(value, kind="scheduler" if "address" in value else "local")
-        return value
+        return cluster_shorthand(value)
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -353,7 +357,10 @@ class GroupConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=LocalClusterConfig)
     workflow: WorkflowConfig = Field(default_factory=WorkflowConfig)
 
-    _cluster_shorthand = field_validator("cluster", mode="before")(RunConfig._cluster_shorthand.__func__)
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _cluster_shorthand(cls, value):
+        return cluster_shorthand(value)
 
     @field_validator("extract")
     @classmethod

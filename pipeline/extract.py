@@ -146,9 +146,10 @@ class _LastLayerCaptured(Exception):
     deep model then costs two layers, not all of them)."""
 
 
-def token_columns(loaded: LoadedModel, batch: Batch) -> dict:
-    rows = {name: [] for name in ("seq_id", "pos", "token_id", "token", "seq_len", "pos_norm", "is_special",
-                                  "is_punct", "patch_row", "patch_col", "mean_r", "mean_g", "mean_b")}
+def token_columns(loaded: LoadedModel, batch: Batch) -> dict[str, list]:
+    rows: dict[str, list] = {name: [] for name in (
+        "seq_id", "pos", "token_id", "token", "seq_len", "pos_norm", "is_special", "is_punct", "patch_row", "patch_col",
+        "mean_r", "mean_g", "mean_b")}
     if loaded.modality == "text":
         special = set(loaded.tokenizer.all_special_ids)
         for item, ids in zip(batch.sequences, batch.token_ids):
@@ -166,6 +167,7 @@ def token_columns(loaded: LoadedModel, batch: Batch) -> dict:
             rows[name] = [None] * len(rows["seq_id"])
         return rows
     grid, prefix = loaded.patch_grid, loaded.prefix_tokens
+    assert grid is not None, "an image model has a patch grid"
     side = int(loaded.model.config.image_size) // grid  # pixels per patch side, as the model sees them
     size = grid * side
     for item, ids in zip(batch.sequences, batch.token_ids):

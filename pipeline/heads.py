@@ -298,11 +298,11 @@ def bucket_attention(bucket: Bucket, masks: Masks, queries: torch.Tensor, keys: 
     rows = slice(bucket.start, bucket.start + n * length)
     scores = torch.bmm(queries[rows].view(n, length, -1), keys[rows].view(n, length, -1).transpose(1, 2))
     shifted = torch.empty(length, length, n, device=queries.device)
-    if masks.additive is None and masks.key_padding is None:
+    first_mask = masks.additive if masks.additive is not None else masks.key_padding
+    if first_mask is None:
         torch.mul(scores.permute(1, 2, 0), scale, out=shifted)
     else:
-        torch.add(masks.additive if masks.additive is not None else masks.key_padding, scores.permute(1, 2, 0),
-                  alpha=scale, out=shifted)
+        torch.add(first_mask, scores.permute(1, 2, 0), alpha=scale, out=shifted)
         if masks.additive is not None and masks.key_padding is not None:
             shifted.add_(masks.key_padding)
     shifted.sub_(shifted.amax(1, keepdim=True)).clamp_(min=CLAMP)
@@ -437,7 +437,7 @@ def probe_scores(probe_run, layer: int, head: int, exclude_bos: bool = False, ex
     queries = in_plan_order(plan, probe_run.queries(layer, head), device)
     keys = in_plan_order(plan, probe_run.keys(layer, head), device)
     scale, window = probe_run.scale(layer), probe_run.sliding_window(layer)
-    per_sequence = {name: [] for name in PROBE_SCORES}
+    per_sequence: dict[str, list[np.ndarray]] = {name: [] for name in PROBE_SCORES}
     with torch.inference_mode():
         for bucket in plan.buckets:
             masks = bucket.masks("causal", window, device)
@@ -493,7 +493,7 @@ def measure_run(run, probe_run=None, layers: list[int] | None = None, heads: lis
     for layer in layers:
         keys, keys_of = None, None
         for head in heads:
-            if keys_of != run.kv_head_of_q[head]:  # query heads of one key/value head share its keys
+            if keys is None or keys_of != run.kv_head_of_q[head]:  # query heads of a key/value head share its keys
                 keys, keys_of = in_plan_order(plan, run.keys(layer, head), device), run.kv_head_of_q[head]
             queries = in_plan_order(plan, run.queries(layer, head), device)
             row, top = _measure_ordered(run, layer, head, plan, queries, keys, top_k, min_top_length)

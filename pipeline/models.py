@@ -16,13 +16,16 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import torch
 
 from pipeline.attention import attention_weights
 from pipeline.errors import QkatlasError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CAPTURE_IMPLEMENTATION = "qkatlas"
 DEMO_MODELS = ("demo:minilm", "demo:smollm2")
@@ -83,7 +86,7 @@ class AttentionLayout:
     n_kv_heads: int
     d_head: int
     scale: list[float]  # per layer: the factor the model multiplies q.k by
-    mask_rule: str  # "bidirectional" or "causal"
+    mask_rule: Literal["causal", "bidirectional"]
     sliding_window: list[int | None]  # per layer; None = unlimited
     kv_head_of_q: list[int] = field(default_factory=list)
 
@@ -94,9 +97,9 @@ class LoadedModel:
     revision: str | None
     architecture: str
     modality: str  # "text" or "image"
-    model: torch.nn.Module
-    tokenizer: object | None
-    image_processor: object | None
+    model: PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer (duck-typed: fast, slow or GGUF); None for image models
+    image_processor: Any  # a transformers image processor; None for text models
     max_positions: int
     layout: AttentionLayout
     device: torch.device
@@ -173,7 +176,8 @@ def _smollm2_cache() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_files[0].name)
-    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_files[0].name, dtype=torch.float32)
+    # Any: hf_quantizer, cleared below, is an attribute transformers sets without declaring it
+    model: Any = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_files[0].name, dtype=torch.float32)
     partial = cache.with_name(cache.name + ".partial")
     # The weights are dequantized to float32 by now; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
@@ -236,15 +240,17 @@ def load_model(model: str, device: str = "auto", max_length: int | None = None) 
         max_positions = patch_grid * patch_grid + 1
     if max_length is not None and max_length > max_positions:
         raise ModelError(f"--max-length {max_length} exceeds what {model} allows ({max_positions} positions)")
+    inputs = {key: value.to(torch_device) for key, value in probe_inputs(tokenizer, image_processor).items()}
+    layout, layer_of_module, probe_tokens = _probe(network, model, architecture, inputs)
+    prefix_tokens = 0
+    if patch_grid is not None:
+        prefix_tokens = probe_tokens - patch_grid * patch_grid
+        max_positions = probe_tokens
     revision = getattr(config, "_commit_hash", None)
-    loaded = LoadedModel(model_id=model, revision=revision, architecture=architecture, modality=modality,
-                         model=network, tokenizer=tokenizer, image_processor=image_processor,
-                         max_positions=max_positions, layout=None, device=torch_device, patch_grid=patch_grid)
-    loaded.layout, probe_tokens = _probe(loaded)
-    if modality == "image":
-        loaded.prefix_tokens = probe_tokens - patch_grid * patch_grid
-        loaded.max_positions = probe_tokens
-    return loaded
+    return LoadedModel(model_id=model, revision=revision, architecture=architecture, modality=modality,
+                       model=network, tokenizer=tokenizer, image_processor=image_processor,
+                       max_positions=max_positions, layout=layout, device=torch_device,
+                       layer_of_module=layer_of_module, patch_grid=patch_grid, prefix_tokens=prefix_tokens)
 
 
 def _network_class(architecture: str):
@@ -264,28 +270,30 @@ def _first_line(error: Exception) -> str:
 # --- the probe ---------------------------------------------------------------------------
 
 
-def probe_inputs(loaded: LoadedModel) -> dict:
-    if loaded.modality == "text":
-        return dict(loaded.tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True))
+def probe_inputs(tokenizer: Any, image_processor: Any) -> dict:
+    """Two short texts (with a tokenizer) or two small random images (with an image processor)."""
+    if tokenizer is not None:
+        return dict(tokenizer(PROBE_TEXTS, return_tensors="pt", padding=True))
     rng = np.random.default_rng(0)
     from PIL import Image
 
     images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(2)]
-    return dict(loaded.image_processor(images=images, return_tensors="pt"))
+    return dict(image_processor(images=images, return_tensors="pt"))
 
 
-def _probe(loaded: LoadedModel) -> tuple[AttentionLayout, int]:
-    """Run the probe with eager attention and with the capture; refuse on any mismatch.
+def _probe(network: PreTrainedModel, name: str, architecture: str,
+           inputs: dict[str, torch.Tensor]) -> tuple[AttentionLayout, dict[int, int], int]:
+    """Run the probe (`inputs`, on the model's device) with eager attention and with the capture;
+    refuse on any mismatch.
 
-    Returns the attention layout and the probe's tokens per sequence; fills `layer_of_module`.
+    Returns the attention layout, the layer of each attention module (by id) and the probe's
+    tokens per sequence.
     """
-    network, name = loaded.model, loaded.model_id
-    inputs = {key: value.to(loaded.device) for key, value in probe_inputs(loaded).items()}
     try:
         with torch.no_grad():
             eager = network(**inputs, output_attentions=True).attentions
     except Exception as error:  # noqa: BLE001  (any model class: what fails here is the model's, reported as such)
-        raise ModelError(f"{name} ({loaded.architecture}) cannot run the probe input ({type(error).__name__}: "
+        raise ModelError(f"{name} ({architecture}) cannot run the probe input ({type(error).__name__}: "
                          f"{_first_line(error)}); qkatlas reads encoder-only and decoder-only transformers "
                          "whose forward takes input_ids or pixel_values") from None
     calls: list[tuple] = []
@@ -298,7 +306,7 @@ def _probe(loaded: LoadedModel) -> tuple[AttentionLayout, int]:
         network(**inputs)
     if not calls or eager is None:
         raise ModelError(
-            f"{name} ({loaded.architecture}) does not route its attention through transformers' attention "
+            f"{name} ({architecture}) does not route its attention through transformers' attention "
             "interface, so qkatlas cannot capture the queries and keys its softmax sees"
         )
     if len(calls) != len(eager):
@@ -307,7 +315,7 @@ def _probe(loaded: LoadedModel) -> tuple[AttentionLayout, int]:
     for _, _, _, kwargs in calls:
         for keyword, what in UNSUPPORTED_KWARGS.items():
             if kwargs.get(keyword) is not None:
-                raise ModelError(f"{name} ({loaded.architecture}) uses {what}: its attention is not "
+                raise ModelError(f"{name} ({architecture}) uses {what}: its attention is not "
                                  "softmax(q.k * scale + mask), so stored Q/K could not reproduce it")
     modules = [call[0] for call in calls]
     layout = AttentionLayout(
@@ -326,8 +334,8 @@ def _probe(loaded: LoadedModel) -> tuple[AttentionLayout, int]:
         raise ModelError(f"{name}: {layout.n_heads} query heads do not divide into {layout.n_kv_heads} key/value heads")
     group = layout.n_heads // layout.n_kv_heads
     layout.kv_head_of_q = [head // group for head in range(layout.n_heads)]
-    loaded.layer_of_module = {id(module): layer for layer, module in enumerate(modules)}
-    if len(loaded.layer_of_module) != len(modules):
+    layer_of_module = {id(module): layer for layer, module in enumerate(modules)}
+    if len(layer_of_module) != len(modules):
         raise ModelError(f"{name}: one attention module is called for several layers; not supported")
 
     batch, _, n_positions, _ = calls[0][1].shape
@@ -343,10 +351,10 @@ def _probe(loaded: LoadedModel) -> tuple[AttentionLayout, int]:
                 worst = max(worst, float(np.abs(recomputed - expected[row, head, :length, :length].numpy()).max()))
     if worst > PROBE_TOLERANCE:
         raise ModelError(
-            f"{name} ({loaded.architecture}): attention recomputed from captured Q/K differs from the model's own "
+            f"{name} ({architecture}): attention recomputed from captured Q/K differs from the model's own "
             f"by {worst:.2e} (> {PROBE_TOLERANCE}); its attention is not softmax(q.k * scale + mask), refusing"
         )
-    return layout, calls[0][1].shape[2]
+    return layout, layer_of_module, calls[0][1].shape[2]
 
 
 def _is_causal(module, kwargs: dict) -> bool:

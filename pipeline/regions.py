@@ -131,8 +131,8 @@ def spanning_tree(points: np.ndarray, min_samples: int) -> np.ndarray:
     try:
         triangulation = Delaunay(points)
     except (QhullError, ValueError):  # every point on one line or one spot: join groups at their distance
-        tree[joins, 2] = np.linalg.norm(points[tree[joins, 0].astype(np.int64)] - points[tree[joins, 1].astype(np.int64)],
-                                        axis=1)
+        ends = tree[joins, :2].astype(np.int64)
+        tree[joins, 2] = np.linalg.norm(points[ends[:, 0]] - points[ends[:, 1]], axis=1)
         tree[joins, 2] = np.maximum(tree[joins, 2], tree[~joins, 2].max(initial=0.0)) + 1e-9
         return tree
     triangles = triangulation.simplices
@@ -203,9 +203,9 @@ def medoid(points: np.ndarray) -> np.ndarray:
 def commit_regions(run, method: str, layer: int, head: int) -> pd.DataFrame:
     """Label the regions of one committed 2-D projection and store them with it (a new
     projection version makes them stale; `run.regions` then returns None until redone)."""
-    from pipeline.store import committed_projection, write_regions
+    from pipeline.store import write_regions
 
-    record = committed_projection(run.dir, method, 2, layer, head)
+    record = run.projection_record(method, layer, head, 2)
     tokens = run.tokens()["token"]
     regions = head_regions(run.projection(method, layer, head, 2), pd.concat([tokens, tokens], ignore_index=True))
     write_regions(run.dir, record, regions)

@@ -28,9 +28,9 @@ def shade_layout(coords: np.ndarray, size: int = 160):
 
 def render_thumbnail(run, method: str, dim: int, layer: int, head: int, size: int = 160) -> str:
     """Write the thumbnail of one projected head into the run; returns its path in the run."""
-    from pipeline.store import committed_projection, write_thumbnail
+    from pipeline.store import write_thumbnail
 
-    record = committed_projection(run.dir, method, dim, layer, head)
+    record = run.projection_record(method, layer, head, dim)
     image = shade_layout(run.projection(method, layer, head, dim=dim), size)
     buffer = io.BytesIO()
     image.to_pil().save(buffer, format="PNG")

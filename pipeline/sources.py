@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pipeline.errors import QkatlasError
 
@@ -34,7 +34,7 @@ class SourceError(QkatlasError, ValueError):
 class Sequence:
     row: int
     text: str | None = None
-    image: object | None = None  # PIL.Image.Image, RGB
+    image: Any = None  # PIL.Image.Image, RGB
     meta: dict = field(default_factory=dict)
 
 
@@ -44,6 +44,7 @@ def open_source(spec: str, text_column: str = "text", skipped: Counter | None = 
     Checks that the source exists before returning, so a wrong path fails at once.
     """
     skipped = Counter() if skipped is None else skipped
+    rows: Iterator[Sequence | None]
     if spec.startswith("demo:"):
         readers = {
             "demo:wiki": _demo_wiki,
@@ -299,7 +300,8 @@ def _demo_digits() -> Iterator[Sequence]:
 
     digits = load_digits()
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        yield Sequence(row=-1, image=_gray_to_rgb(pixels, 255 / 16), meta={"path": f"digits/{index}", "label": int(label)})
+        yield Sequence(row=-1, image=_gray_to_rgb(pixels, 255 / 16),
+                       meta={"path": f"digits/{index}", "label": int(label)})
 
 
 def _demo_skimage() -> Iterator[Sequence]:

@@ -161,7 +161,8 @@ def test_text_dashboard(browser, text_run):  # noqa: F811
         box = plot.bounding_box()
         hover = page.locator(".qk-hover").first
         for i in range(40):
-            page.mouse.move(box["x"] + box["width"] / 2 + 5 * i * np.cos(i), box["y"] + box["height"] / 2 + 5 * i * np.sin(i))
+            page.mouse.move(box["x"] + box["width"] / 2 + 5 * i * np.cos(i),
+                            box["y"] + box["height"] / 2 + 5 * i * np.sin(i))
             page.wait_for_timeout(150)
             if "position" in text_of(hover):
                 break

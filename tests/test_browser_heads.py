@@ -103,7 +103,7 @@ def test_heads_tab_draws_every_head_redraws_and_opens_the_clicked_one(browser, s
     # an axis change redraws with the new measurement
     choose(page, "X axis", "confidence")
     redrawn = wait_for_scatter(page, lambda d: np.allclose(
-        d["x"], [mine.loc[(l, h), "confidence"] for l, h in zip(d["layer"], d["head"])]))
+        d["x"], [mine.loc[(layer, head), "confidence"] for layer, head in zip(d["layer"], d["head"])]))
     assert redrawn["px"] != drawn["px"]
     page.wait_for_timeout(800)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ def fixture_tables(run, n_top: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
 
         return measure_run(run)
     except Exception as error:  # noqa: BLE001  (the view's tests need tables, not that module)
-        warnings.warn(f"pipeline.heads.measure_run unusable ({error!r}); the tests measure with simple means")
+        warnings.warn(f"pipeline.heads.measure_run unusable ({error!r}); the tests measure with simple means",
+                      stacklevel=2)
     tokens, causal = run.tokens(), run.mask_rule == "causal"
     special, punct, token_id = (tokens[c].to_numpy() for c in ("is_special", "is_punct", "token_id"))
     rows, top = [], []
@@ -84,7 +85,8 @@ def measured_run(tmp_path_factory) -> str:
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     rng = np.random.default_rng(1)
-    words = ["the", "cat", "sat", "on", "a", "mat", "while", "queries", "met", "keys", "and", "heads", "attended", "to", "tokens", "in", "order", ",", "."]
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "queries", "met", "keys", "and", "heads", "attended",
+             "to", "tokens", "in", "order", ",", "."]
     (root / "d.txt").write_text("\n".join(" ".join(rng.choice(words, rng.integers(4, 14))) for _ in range(80)))
     out = str(root / "run")
     extract(ExtractConfig(model=str(root / "model"), data=str(root / "d.txt"), out=out, batch_size=16))

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import yaml
 
 from pipeline.store import RunDir, committed_parts, committed_projections, open_run, part_damage, projection_damage

@@ -69,7 +69,10 @@ def test_share_of_queries():
     punctuation = np.flatnonzero(tokens.iloc[:n].isin([",", ".", ";"]).to_numpy())
     coords[n + punctuation] += np.array([10.0, 0.0], dtype=np.float32)  # keys move to (10, 10)
     coarse = head_regions(coords, tokens).query("scale == 0")
-    near = lambda x, y: coarse.loc[np.hypot(coarse["x"] - x, coarse["y"] - y).idxmin()]
+
+    def near(x, y):
+        return coarse.loc[np.hypot(coarse["x"] - x, coarse["y"] - y).idxmin()]
+
     assert len(coarse) == 4
     assert near(0, 10)["share_queries"] == 1.0 and near(10, 10)["share_queries"] == 0.0
     assert near(0, 0)["share_queries"] == pytest.approx(0.5, abs=0.05)

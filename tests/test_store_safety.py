@@ -156,15 +156,17 @@ def test_two_concurrent_extractions_one_refuses_the_other_completes(tiny_models,
     held = tmp_path / "held"
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(env, QKATLAS_HOLD_AT="extract-locked", QKATLAS_HOLD_MARKER=str(held)))
-    deadline = time.monotonic() + 120
-    while not held.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert held.exists(), "the first extraction never took the lock"
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)  # while the first holds
-    assert second.returncode == 2, second.stdout + second.stderr
-    assert f"being written by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
-    first.kill()  # the holder dies without releasing: its lock is stale now
-    first.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held.exists(), "the first extraction never took the lock"
+        second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)  # while it holds
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"being written by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.kill()  # the holder dies without releasing: its lock is stale now
+        first.communicate(timeout=30)
     third = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert third.returncode == 0, third.stdout + third.stderr
     a, b = open_run(reference), open_run(out)
@@ -199,9 +201,9 @@ def test_deleted_and_truncated_chunks_are_reported_then_repaired(tiny_models, te
     report = CliRunner().invoke(app, ["info", str(out), "--verify"])
     assert report.exit_code == 1 and "damaged" in report.output and "part-00000" in report.output
 
-    repaired = CliRunner().invoke(app, ["extract", "--model", tiny_models["bert"], "--data", text_file,
-                                        "--out", str(out), "--chunk-tokens", "256"])
-    assert repaired.exit_code == 0, repaired.output
+    summary = extract(ExtractConfig(model=tiny_models["bert"], data=text_file, out=str(out), chunk_tokens=256,
+                                    compression="lz4"))  # the same settings: the damaged part is redone
+    assert not summary["already_done"]
     again = open_run(out)
     assert again.verify() == []
     for (layer, head), (queries, keys) in expected.items():

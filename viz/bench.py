@@ -83,7 +83,8 @@ def time_rasterize(n_points: int, repeats: int, width: int, height: int) -> dict
 
 
 def head_memory(n_points: int) -> float:
-    """Memory (MB, as numpy/pandas allocate it, traced) for one head of `n_points` held by the server (coordinates, categories,
+    """Memory (MB, as numpy/pandas allocate it, traced) for one head of `n_points` held by the server
+    (coordinates, categories,
     the lazily built hover index)."""
     import tracemalloc
 
@@ -352,9 +353,9 @@ def bench_serve(points: list[int], repeats: int, sessions: int, width: int, heig
 
     import psutil
 
-    from workflows.progress import console
+    from rich.console import Console
 
-    say = functools.partial(console.print, soft_wrap=True, highlight=False)
+    say = functools.partial(Console(stderr=True).print, soft_wrap=True, highlight=False)
     say(f"[bold]qkatlas bench serve[/]: {os.cpu_count()} CPUs, raster {width}x{height}, "
         f"median of {repeats} views (full and zoomed, interleaved)")
     say(f"{'points':>12} {'raw datashader':>15} {'qkatlas view':>13} {'ratio':>6}   goal")

@@ -144,7 +144,7 @@ def matrix_cells(table: pd.DataFrame, layers: list[int], order: np.ndarray, colu
     """One row per matrix cell of a measured head, in the matrix's coordinates (cell (r, c) is
     the unit square at x = c, y = n_layers - 1 - r): its head, value, border colour and
     whether it passes the filter (`keep`, aligned with `table`'s rows)."""
-    by_head = {(int(l), int(h)): i for i, (l, h) in enumerate(zip(table["layer"], table["head"]))}
+    by_head = {(int(layer), int(head)): i for i, (layer, head) in enumerate(zip(table["layer"], table["head"]))}
     rows = []
     for r, layer in enumerate(layers):
         for c, head in enumerate(order[r]):
@@ -166,7 +166,9 @@ def nearest_head(table: pd.DataFrame, x: str, y: str, at_x: float, at_y: float,
     shown = np.isfinite(xs) & np.isfinite(ys)
     if not shown.any():
         return None
-    span = lambda v: max(float(v[shown].max() - v[shown].min()), 1e-9)
+    def span(values):
+        return max(float(values[shown].max() - values[shown].min()), 1e-9)
+
     distance = np.hypot((xs - at_x) / span(xs), (ys - at_y) / span(ys))
     distance[~shown] = np.inf
     best = int(np.argmin(distance))

@@ -75,7 +75,8 @@ def _human_bytes(n: float) -> str:
 
 @app.command()
 def extract(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run file (configs/*.yaml); flags override it"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="YAML run file (configs/*.yaml); flags override it"),
     model: Optional[str] = typer.Option(None, help="HF model id, local path, demo:minilm or demo:smollm2"),
     data: Optional[str] = typer.Option(None, help="text / JSONL / CSV / Parquet file, HF dataset dir, image folder, "
                                                   "or demo:wiki|lee|digits|skimage|fashion-mnist"),
@@ -175,7 +176,8 @@ def reduce(
         _fail(error)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = [TextColumn("[bold]projecting"), BarColumn(), MofNCompleteColumn(), TextColumn("heads  {task.fields[last]}"),
+    columns = [TextColumn("[bold]projecting"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("heads  {task.fields[last]}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=console) as bar:
         job = bar.add_task("reduce", total=len(tasks), last="")
@@ -278,7 +280,8 @@ def heads(run: str = typer.Argument(..., help="run directory or URL"),
 @bench_app.command("heads")
 def bench_heads(run: Optional[str] = typer.Option(None, help="run to measure [a cached demo:minilm run of demo:wiki]"),
                 limit: Optional[int] = typer.Option(None, help="sentences of demo:wiki for the cached run [all]"),
-                threads: int = typer.Option(1, help="torch threads (1 is steadiest on a shared 2-core machine)")) -> None:
+                threads: int = typer.Option(1, help="torch threads (1 is steadiest on a shared 2-core machine)"),
+                ) -> None:
     """Measuring every head of a run (the head atlas) vs only reading the same Q/K, in one process."""
     from workflows.heads_bench import bench_heads as run_bench
 

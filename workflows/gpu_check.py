@@ -268,7 +268,8 @@ def numeric_values(result, name: str = "") -> dict[str, float]:
     if isinstance(result, dict):
         return {k: v for key, value in result.items() for k, v in numeric_values(value, f"{name}.{key}").items()}
     if isinstance(result, (list, tuple)):
-        return {k: v for index, value in enumerate(result) for k, v in numeric_values(value, f"{name}[{index}]").items()}
+        return {k: v for index, value in enumerate(result)
+                for k, v in numeric_values(value, f"{name}[{index}]").items()}
     if isinstance(result, (int, float, np.number)) and not isinstance(result, bool):
         return {name or "value": float(result)}
     return {}

@@ -145,8 +145,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if settings.workflow.thumbnails:
             lines.append(f"  thumbnails   {counts['thumbnail_done']} rendered")
         if settings.workflow.measure_heads:
-            lines.append(f"  head atlas   {counts['heads_done']} layers measured, "
-                         f"{len(before.manifest.layers) - len(before.head_layers) if before.manifest else 0} already committed")
+            already = len(before.manifest.layers) - len(before.head_layers) if before.manifest else 0
+            lines.append(f"  head atlas   {counts['heads_done']} layers measured, {already} already committed")
         lines.append(f"  time         {elapsed:.1f} s")
         if outcome.errors:
             console.print("[bold red]failed[/] " + settings.extract.out + "\n" + "\n".join(lines))

@@ -52,7 +52,7 @@ def nearest(reference, probes, k: int, xp: ModuleType | None = None, block_eleme
     differences (exact to float64 rounding, unlike the float32 expansion alone), ties to the
     lower index; -1 where the reference has fewer than k rows, as faiss does."""
     if xp is None:
-        import cupy as xp
+        xp = array_module()
     reference = xp.asarray(reference, dtype=xp.float32)
     probes = xp.asarray(probes, dtype=xp.float32)
     n = len(reference)

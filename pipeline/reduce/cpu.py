@@ -72,13 +72,14 @@ def knn(reference: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     faiss.omp_set_num_threads(_threads())
     d = reference.shape[1]
     if len(reference) <= 50_000:
-        index = faiss.IndexFlatL2(d)
+        index: faiss.Index = faiss.IndexFlatL2(d)
     else:
         n_lists = int(4 * np.sqrt(len(reference)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, n_lists)
+        inverted = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, n_lists)
         rng = np.random.default_rng(0)
-        index.train(reference[rng.choice(len(reference), min(len(reference), 40 * n_lists), replace=False)])
-        index.nprobe = 8
+        inverted.train(reference[rng.choice(len(reference), min(len(reference), 40 * n_lists), replace=False)])
+        inverted.nprobe = 8
+        index = inverted
     index.add(reference)
     distances, indices = index.search(queries, k)
     return np.sqrt(np.maximum(distances, 0)), indices

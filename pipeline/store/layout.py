@@ -26,10 +26,11 @@ import os
 import posixpath
 import threading
 import uuid
+from typing import Final
 
 import fsspec
 
-FORMAT = "qkatlas-run/2"
+FORMAT: Final = "qkatlas-run/2"
 MANIFEST = "manifest.json"
 
 

@@ -21,8 +21,8 @@ import zarr
 from pipeline.attention import attention_weights
 from pipeline.store.layout import RunDir
 from pipeline.store.manifest import Manifest, StoreError, load_manifest
-from pipeline.store.writer import (committed_head_layers, committed_parts, committed_projection, committed_projections, crc,
-                                   mark_damaged, part_damage, projection_damage, read_marker)
+from pipeline.store.writer import (committed_head_layers, committed_parts, committed_projection,
+                                   committed_projections, crc, mark_damaged, part_damage, projection_damage)
 
 TEXT_ONLY_DROPS = ["patch_row", "patch_col", "mean_r", "mean_g", "mean_b"]
 
@@ -110,7 +110,8 @@ class Run:
                 self._arrays[key] = zarr.open_array(self.dir.url_of(*path, name), mode="r")
             except Exception as error:  # zarr raises several types for a missing or broken array
                 raise StoreError(f"{self.dir.url}: {part} {name} ({posixpath.join(*path, name)}) cannot be "
-                                 f"opened ({type(error).__name__}); run `qkatlas info {self.dir.url} --verify`") from None
+                                 f"opened ({type(error).__name__}); "
+                                 f"run `qkatlas info {self.dir.url} --verify`") from None
         return self._arrays[key]
 
     def _damaged(self, part: str, name: str, layer: int, head: int, chunk: int | None, why: str) -> StoreError:
@@ -129,7 +130,7 @@ class Run:
         record = self.parts[part]
         chunk_tokens = self.manifest.chunk_tokens
         try:
-            values = self._array(part, name)[row, head, start:stop]
+            values = np.asarray(self._array(part, name)[row, head, start:stop])
         except StoreError:
             raise
         except Exception as error:  # a truncated chunk fails in its codec
@@ -236,7 +237,9 @@ class Run:
                 for record in records.values()]
         return pd.json_normalize(rows).sort_values(["method", "dim", "layer", "head"])
 
-    def _projection_record(self, method: str, layer: int, head: int, dim: int) -> dict:
+    def projection_record(self, method: str, layer: int, head: int, dim: int) -> dict:
+        """The marker of the committed projection version (to write what derives from it);
+        KeyError, naming the command to run, when there is none."""
         record = committed_projection(self.dir, method, dim, layer, head)
         if record is None:
             raise KeyError(f"no {dim}-D {method} projection of layer {layer} head {head} in {self.dir.url}; "
@@ -245,18 +248,16 @@ class Run:
 
     def projection(self, method: str, layer: int, head: int, dim: int = 2) -> np.ndarray:
         """[2 * n_tokens, dim] float32: queries first, then keys, each in `tokens()` order."""
-        record = self._projection_record(method, layer, head, dim)
+        record = self.projection_record(method, layer, head, dim)
         path = self.dir.projection_array(method, dim, layer, head, record["token"])
-        problem = None
+        where = f"{self.dir.url}: projection {method} {dim}-D layer {layer} head {head} ({'/'.join(path)}) is"
+        redo = "`qkatlas run` or `qkatlas reduce` redoes it"
         try:
             coords = np.asarray(zarr.open_array(self.dir.url_of(*path), mode="r")[...], dtype=np.float32)
         except Exception as error:  # missing or truncated array
-            problem, coords = f"unreadable ({type(error).__name__})", None
-        if coords is not None and crc(coords) != record["crc"]:
-            problem = "missing or overwritten (checksum mismatch)"
-        if problem:
-            raise StoreError(f"{self.dir.url}: projection {method} {dim}-D layer {layer} head {head} "
-                             f"({'/'.join(path)}) is {problem}; `qkatlas run` or `qkatlas reduce` redoes it")
+            raise StoreError(f"{where} unreadable ({type(error).__name__}); {redo}") from None
+        if crc(coords) != record["crc"]:
+            raise StoreError(f"{where} missing or overwritten (checksum mismatch); {redo}")
         return coords
 
     def thumbnail_png(self, method: str, dim: int, layer: int, head: int) -> bytes | None:
@@ -314,7 +315,7 @@ class Run:
             problem = part_damage(self.dir, record)
             if problem is None:
                 try:
-                    for row, layer in enumerate(self.layers):
+                    for layer in self.layers:
                         for name, heads in (("q", self.n_heads), ("k", self.n_kv_heads)):
                             for head in range(heads):
                                 self._part_vectors(part, name, layer, head)

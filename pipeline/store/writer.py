@@ -47,7 +47,7 @@ COMPRESSORS = {
 
 
 def crc(values: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(values).view(np.uint8).reshape(-1))
+    return zlib.crc32(np.ascontiguousarray(values).view(np.uint8).reshape(-1).data)
 
 
 def file_record(run: RunDir, *parts: str) -> dict:
@@ -172,7 +172,9 @@ class PartWriter:
                 dimension_names=("layer", "head_index" if name == "q" else "kv_head_index", "token", "d_head"))
             for name in ("q", "k")
         }
-        self.crcs = {name: [[[] for _ in range(heads[name])] for _ in range(spec.n_layers)] for name in heads}
+        # "q" | "k" -> [layer][head] -> the CRC of each chunk
+        self.crcs: dict[str, list[list[list[int]]]] = {
+            name: [[[] for _ in range(heads[name])] for _ in range(spec.n_layers)] for name in heads}
         self._buffers = [{name: np.empty((spec.n_layers, heads[name], spec.chunk_tokens, spec.d_head), spec.dtype)
                           for name in ("q", "k")} for _ in range(2)]
         self._current, self._fill = 0, 0
@@ -346,7 +348,7 @@ def mark_extraction_complete(run: RunDir, parts: int) -> dict:
     committed = committed_parts(run)
     if len(committed) < parts:
         raise StoreError(f"{run.url}: only {len(committed)} of {parts} parts are committed")
-    skipped = Counter()
+    skipped: Counter[str] = Counter()
     for record in committed.values():
         skipped.update(record.get("skipped", {}))
     manifest = load_manifest(run)

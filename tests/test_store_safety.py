@@ -293,3 +293,48 @@ def test_a_garbage_manifest_is_one_line(projected_run, content):
 def test_open_run_takes_paths_and_strings(projected_run):
     assert open_run(projected_run).n_tokens == open_run(str(projected_run)).n_tokens == \
         open_run(os.fspath(projected_run) + "/").n_tokens
+
+
+def test_two_concurrent_runs_one_refuses_the_other_completes(tiny_models, text_file, tmp_path):
+    import signal
+
+    import yaml
+
+    def write(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "extract": {"model": tiny_models["bert"], "data": text_file, "out": str(tmp_path / name)},
+            "reduce": {"methods": ["pca"], "dims": [2], "layers": [0], "heads": [0]},
+            "cluster": {"kind": "local", "n_workers": 1, "threads_per_worker": 1, "dashboard_address": ":0"},
+            "workflow": {"shards": 2, "thumbnails": False, "regions": False, "measure_heads": False}}))
+        return path
+
+    config = write("run")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    held = tmp_path / "held"
+    first = subprocess.Popen([QKATLAS, "run", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True,
+                             env=dict(env, QKATLAS_HOLD_AT="extract-shard-1", QKATLAS_HOLD_MARKER=str(held)))
+    try:
+        deadline = time.monotonic() + 180
+        while not held.exists():
+            assert first.poll() is None, first.stdout.read().decode()
+            assert time.monotonic() < deadline, "the first run never reached shard 1"
+            time.sleep(0.05)
+        second = subprocess.run([QKATLAS, "run", str(config)], capture_output=True, text=True, env=env, timeout=180)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"being written by pid {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+        first.stdout.close()
+    third = subprocess.run([QKATLAS, "run", str(config)], capture_output=True, text=True, env=env, timeout=300)
+    assert third.returncode == 0, third.stdout + third.stderr
+    alone = subprocess.run([QKATLAS, "run", str(write("reference"))], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    a, b = open_run(tmp_path / "reference"), open_run(tmp_path / "run")
+    assert a.tokens().equals(b.tokens())
+    np.testing.assert_array_equal(a.projection("pca", 0, 0), b.projection("pca", 0, 0))
+    np.testing.assert_array_equal(a.queries(1, 3), b.queries(1, 3))
+    assert b.verify() == []

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -274,7 +275,7 @@ def plan_sequences(run, batch_elements: int = BATCH_ELEMENTS) -> SequencePlan:
 
 def in_plan_order(plan: SequencePlan, vectors: np.ndarray, device: torch.device = CPU) -> torch.Tensor:
     """[n_tokens, d_head] in store order -> [slot, d_head] on `device`, each bucket's slots contiguous."""
-    return torch.from_numpy(np.take(vectors, plan.order, axis=0)).to(device)
+    return torch.from_numpy(vectors).index_select(0, torch.from_numpy(plan.order)).to(device)
 
 
 def torch_device(device: str | torch.device | None) -> torch.device:
@@ -464,6 +465,26 @@ def probe_scores(probe_run, layer: int, head: int, exclude_bos: bool = False, ex
 # --- a whole run ------------------------------------------------------------------------------
 
 
+def _heads_read_ahead(run, plan: SequencePlan, layers: list[int], heads: list[int], device: torch.device):
+    """Yield (layer, head, queries, keys) in plan order, the next head's read already under way."""
+    def read(layer: int, head: int, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if keys is None:
+            keys = in_plan_order(plan, run.keys(layer, head), device)
+        return in_plan_order(plan, run.queries(layer, head), device), keys
+
+    order = [(layer, head) for layer in layers for head in heads]
+    shares_keys = [index > 0 and order[index - 1][0] == layer and run.kv_head_of_q[order[index - 1][1]] ==
+                   run.kv_head_of_q[head] for index, (layer, head) in enumerate(order)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkatlas-read") as reader:
+        pending = reader.submit(read, *order[0], None) if order else None
+        for index, (layer, head) in enumerate(order):
+            queries, keys = pending.result()
+            if index + 1 < len(order):
+                next_layer, next_head = order[index + 1]
+                pending = reader.submit(read, next_layer, next_head, keys if shares_keys[index + 1] else None)
+            yield layer, head, queries, keys
+
+
 def check_probe(run, probe_run, layers: list[int]) -> None:
     if probe_run.model_id != run.model_id:
         raise HeadsError(f"probe run {probe_run.url} was extracted with {probe_run.model_id}, not {run.model_id}; "
@@ -478,7 +499,9 @@ def measure_run(run, probe_run=None, layers: list[int] | None = None, heads: lis
                 min_top_length: int = 8, device: str | torch.device | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Measure every (layer, head) -> (measurements, one row per head; top sequences).
 
-    Holds one head's Q and K at a time (keys read once per key/value head). The probe columns
+    Reads the next head's Q/K in a thread while measuring this one (reading and reordering
+    release the GIL), so at most two heads' Q/K are in memory; keys are read once per key/value
+    head. The probe columns
     are NaN without a probe run or for bidirectional runs. `on_head(layer, head, row)` is
     called after each head. `device`: where the torch math runs (default: the array
     backend's, `torch_device`); the CPU and CUDA results agree to float32 rounding."""
@@ -490,21 +513,16 @@ def measure_run(run, probe_run=None, layers: list[int] | None = None, heads: lis
     plan = plan_sequences(run)
     probe_plan = plan_sequences(probe_run) if probe_run is not None else None
     rows, tops = [], []
-    for layer in layers:
-        keys, keys_of = None, None
-        for head in heads:
-            if keys is None or keys_of != run.kv_head_of_q[head]:  # query heads of a key/value head share its keys
-                keys, keys_of = in_plan_order(plan, run.keys(layer, head), device), run.kv_head_of_q[head]
-            queries = in_plan_order(plan, run.queries(layer, head), device)
-            row, top = _measure_ordered(run, layer, head, plan, queries, keys, top_k, min_top_length)
-            if probe_plan is not None:
-                row.update(probe_scores(probe_run, layer, head, plan=probe_plan, device=device))
-            else:
-                row.update({name: math.nan for name in PROBE_SCORES})
-            rows.append(row)
-            tops.extend(top)
-            if on_head is not None:
-                on_head(layer, head, row)
+    for layer, head, queries, keys in _heads_read_ahead(run, plan, layers, heads, device):
+        row, top = _measure_ordered(run, layer, head, plan, queries, keys, top_k, min_top_length)
+        if probe_plan is not None:
+            row.update(probe_scores(probe_run, layer, head, plan=probe_plan, device=device))
+        else:
+            row.update({name: math.nan for name in PROBE_SCORES})
+        rows.append(row)
+        tops.extend(top)
+        if on_head is not None:
+            on_head(layer, head, row)
     measurements = pd.DataFrame(rows, columns=["layer", "head", *MEASURES, *PROBE_SCORES])
     return measurements, pd.DataFrame(tops, columns=TOP_COLUMNS)
 

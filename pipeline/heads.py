@@ -475,8 +475,10 @@ def _heads_read_ahead(run, plan: SequencePlan, layers: list[int], heads: list[in
     order = [(layer, head) for layer in layers for head in heads]
     shares_keys = [index > 0 and order[index - 1][0] == layer and run.kv_head_of_q[order[index - 1][1]] ==
                    run.kv_head_of_q[head] for index, (layer, head) in enumerate(order)]
+    if not order:
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkatlas-read") as reader:
-        pending = reader.submit(read, *order[0], None) if order else None
+        pending = reader.submit(read, *order[0], None)
         for index, (layer, head) in enumerate(order):
             queries, keys = pending.result()
             if index + 1 < len(order):

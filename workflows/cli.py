@@ -283,7 +283,7 @@ def bench_heads(run: Optional[str] = typer.Option(None, help="run to measure [a 
                 threads: int = typer.Option(1, help="torch threads (1 is steadiest on a shared 2-core machine)"),
                 ) -> None:
     """Measuring every head of a run (the head atlas) vs only reading the same Q/K, in one process."""
-    from workflows.heads_bench import bench_heads as run_bench
+    from workflows.bench.heads import bench_heads as run_bench
 
     run_bench(run, limit, threads)
 
@@ -303,7 +303,7 @@ def bench_extract(
     from pipeline.models import quiet_transformers
 
     quiet_transformers()
-    from workflows.bench import bench_extract as run_bench
+    from workflows.bench.extract import bench_extract as run_bench
 
     run_bench(model, data, sequences, batch_size, threads, memory, memory_sequences)
 
@@ -321,7 +321,7 @@ def bench_reduce(
 
     quiet_transformers()
     _cache_numba()
-    from workflows.bench import bench_reduce as run_bench
+    from workflows.bench.reduce import bench_reduce as run_bench
 
     run_bench(run, layer, head, points)
 

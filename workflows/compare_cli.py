@@ -166,7 +166,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         consecutive checkpoints, measured in one run."""
         from pipeline.models import quiet_transformers
         from workflows.cli import _cache_numba
-        from workflows.compare_bench import bench_compare as run_bench
+        from workflows.bench.compare import bench_compare as run_bench
 
         quiet_transformers()
         _cache_numba()

@@ -171,7 +171,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         one run, with the ratio; then the demo config's total time."""
         from pipeline.models import quiet_transformers
         from workflows.cli import _cache_numba
-        from workflows.scale_bench import bench_scale as run_bench
+        from workflows.bench.scale import bench_scale as run_bench
 
         quiet_transformers()
         _cache_numba()

@@ -1,7 +1,9 @@
 """Run configuration: one YAML schema, validated by pydantic.
 
-Every field is also a command-line flag (see `workflows/cli.py`); an unknown key or a bad
-value fails with a message naming it.
+The scalar and list fields of the `extract` and `reduce` sections are also command-line flags
+of `qkatlas extract` / `qkatlas reduce` (generated from these fields by `workflows/cli/options.py`,
+so a field's description is its `--help`); an unknown key or a bad value fails with a message
+naming it.
 """
 
 from __future__ import annotations
@@ -42,15 +44,15 @@ class ExtractConfig(_Strict):
     overlong: Literal["truncate", "skip"] = Field(
         "truncate", description="what to do with a sequence longer than max_length (counted either way)"
     )
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="sequences per forward pass")
     limit: int | None = Field(None, gt=0, description="stop after this many sequences")
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the Q/K vectors")
     layers: list[int] | None = Field(None, description="model layers to store; default: all")
     chunk_tokens: int = Field(16384, ge=256, description="tokens per Zarr chunk along the token axis")
     compression: Literal["lz4", "zstd", "none"] = Field(
         "none", description="codec of the Q/K chunks; none by default: real fp16 Q/K compress by ~1% (lz4) while "
                             "costing ~6% of extraction speed (`qkatlas bench extract`)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs; auto: CUDA if visible")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
     probe: bool = Field(True, description="causal text models: also extract repeated random-token sequences (a "
                                           "nested run RUN/probe) for the head atlas's induction scores")
@@ -95,14 +97,14 @@ class TSNEParams(_Strict):
 class ReduceConfig(_Strict):
     """Which per-head projections to compute, and how (defaults follow AttentionViz)."""
 
-    methods: list[Literal["pca", "umap", "tsne"]] = ["umap"]  # pydantic copies mutable defaults
-    dims: list[Literal[2, 3]] = [2]
-    layers: list[int] | None = None
-    heads: list[int] | None = None
-    backend: Literal["auto", "cpu", "gpu"] = "auto"
+    methods: list[Literal["pca", "umap", "tsne"]] = Field(["umap"], description="projection methods, comma-separated")
+    dims: list[Literal[2, 3]] = Field([2], description="layout dimensions, comma-separated")
+    layers: list[int] | None = Field(None, description="layers to project, comma-separated; default: every stored one")
+    heads: list[int] | None = Field(None, description="query heads to project, comma-separated; default: all")
+    backend: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto: the GPU where cuML sees a device")
     translate_keys: bool = Field(True, description="key translation: k - mean(k) + mean(q)")
     scale_norms: bool = Field(True, description="equal mean norms: q / c, k * c")
-    metric: Literal["cosine", "euclidean"] = "cosine"
+    metric: Literal["cosine", "euclidean"] = Field("cosine", description="distance of the kNN graph")
     sample_threshold: int | None = Field(None, ge=100, description="points above which a head is fitted on a "
                                                                   "sample; default per backend")
     sample_size: int | None = Field(None, ge=100, description="points in that sample; default per backend")
@@ -115,6 +117,14 @@ class ReduceConfig(_Strict):
     @classmethod
     def _parse_list(cls, value):
         return ExtractConfig._parse_layers(value)
+
+    @field_validator("methods", "dims", mode="before")
+    @classmethod
+    def _parse_choices(cls, value):
+        """`pca,umap` and `2,3` as the command line gives them."""
+        if isinstance(value, str):
+            return [int(part) if part.strip().isdigit() else part.strip() for part in value.split(",") if part.strip()]
+        return value
 
 
 # --- where `qkatlas run` runs (workflows/cluster.py builds the cluster; pipeline/ never does) ---
@@ -244,7 +254,7 @@ class RunConfig(_Strict):
         return cluster_shorthand(value)
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def describe_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -259,7 +269,7 @@ def validate(raw: dict, source: str = "configuration") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+        raise ConfigError(describe_error(error, source)) from None
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -386,7 +396,7 @@ def load_group_config(path: str | Path, out: str | None = None) -> GroupConfig:
     try:
         config = GroupConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_describe(error, str(path))) from None
+        raise ConfigError(describe_error(error, str(path))) from None
     for member in config.group.members:
         config.member_config(member, config.group.out)
     return config

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import string
 import sys
 import time
@@ -19,15 +18,17 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from dask.system import cpu_count
 
 from pipeline.config import ExtractConfig
 from pipeline.models import LoadedModel, capturing, load_model
 from pipeline.sources import Sequence, check_modality, open_source
 from pipeline.errors import QkatlasError
 from pipeline.hooks import hold
-from pipeline.store import (AttentionRules, Manifest, ModelInfo, PartWriter, RunDir, StoreError, VectorSpec,
-                            collect_garbage, commit_part, committed_parts, create_run, is_run, load_manifest,
-                            mark_extraction_complete, part_damage, part_name, recover, staging_for, swap_in, writing)
+from pipeline.store import (TOKEN_SCHEMA, AttentionRules, Manifest, ModelInfo, PartWriter, RunDir, StoreError,
+                            VectorSpec, collect_garbage, commit_part, committed_parts, create_run, is_run,
+                            load_manifest, mark_extraction_complete, part_damage, part_name, recover, staging_for,
+                            swap_in, writing)
 
 WORD_PIECE_MARKS = ("##", "Ġ", "▁", "Ċ")
 
@@ -147,9 +148,7 @@ class _LastLayerCaptured(Exception):
 
 
 def token_columns(loaded: LoadedModel, batch: Batch) -> dict[str, list]:
-    rows: dict[str, list] = {name: [] for name in (
-        "seq_id", "pos", "token_id", "token", "seq_len", "pos_norm", "is_special", "is_punct", "patch_row", "patch_col",
-        "mean_r", "mean_g", "mean_b")}
+    rows: dict[str, list] = {name: [] for name in TOKEN_SCHEMA.names}
     if loaded.modality == "text":
         special = set(loaded.tokenizer.all_special_ids)
         for item, ids in zip(batch.sequences, batch.token_ids):
@@ -253,10 +252,13 @@ def prepare_run(config: ExtractConfig, loaded: LoadedModel, run: RunDir | None =
     return run
 
 
-def configure_threads(config: ExtractConfig) -> None:
-    threads = config.threads or len(os.sched_getaffinity(0))
+def configure_threads(threads: int | None = None) -> int:
+    """torch's CPU threads: `threads`, else every core this process may use (dask's count, which
+    respects CPU affinity and container limits); returns the number set."""
+    threads = threads or cpu_count()
     torch.set_num_threads(threads)
     bound_heap_growth()
+    return threads
 
 
 def bound_heap_growth() -> None:
@@ -355,7 +357,7 @@ def extract(config: ExtractConfig, overwrite: bool = False, progress: Callable |
 
     With `overwrite`, the new run is built beside the old one and swapped in only once it is
     committed: a bad model or source, or a crash, leaves the old run as it was."""
-    configure_threads(config)
+    configure_threads(config.threads)
     target = RunDir(config.out)
     with writing(target, "qkatlas extract"):
         hold("extract-locked")

@@ -218,7 +218,7 @@ def _scalar_meta(record: dict) -> dict:
 
 
 def _image_folder(path: Path, skipped: Counter) -> Iterator[Sequence | None]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -228,7 +228,7 @@ def _image_folder(path: Path, skipped: Counter) -> Iterator[Sequence | None]:
             with Image.open(file) as image:
                 image.load()
                 rgb = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
             skipped["corrupt_image"] += 1
             yield None
             continue

@@ -143,7 +143,7 @@ def test_packaged_configs_validate():
 
 
 def test_cli_overrides(tmp_path):
-    from workflows.run_cli import load_run_config
+    from workflows.runner import load_run_config
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"extract": EXTRACT, "cluster": {"kind": "slurm", "cores": 4, "memory": "8GB"}}))

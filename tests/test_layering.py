@@ -148,3 +148,17 @@ def test_the_scan_finds_upward_imports_and_cycles(tmp_path):
     assert upward_imports(found) == ["pipeline/a.py:2: pipeline.a imports workflows.c",
                                      "viz/v.py:1: viz.v imports workflows.c"]
     assert import_cycles(found) == [["workflows.c", "workflows.d"]]
+
+
+def test_pipeline_never_imports_a_drawing_library():
+    """Rendering lives in viz/ (issue 10): no pipeline module imports datashader, holoviews,
+    panel or bokeh, not even inside a function."""
+    drawing = ("datashader", "holoviews", "panel", "bokeh")
+    found = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name in names
+                      if name.split(".")[0] in drawing]
+    assert found == []

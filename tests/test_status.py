@@ -98,7 +98,7 @@ def test_extraction_incomplete_then_a_stale_and_a_live_writer(tiny_models, text_
     a live one is shown running, with the rate and ETA of the parts it committed."""
     from pipeline.store import RunDir, load_manifest, writing
     from workflows.graph import extract_shard, prepare
-    from workflows.run_cli import load_run_config
+    from workflows.runner import load_run_config
 
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", tiny_models["bert"], text_file, out)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from pipeline.config import ExtractConfig, ReduceConfig
 from pipeline.extract import extract
 from pipeline.reduce.project import reduce_run
-from pipeline.render import render_thumbnail
+from viz.raster import render_thumbnail
 from pipeline.store import RunDir, StoreError, open_run, writing
 from pipeline.store.lock import lock_path
 from workflows.cli import app

@@ -22,7 +22,8 @@ import pandas as pd
 import re2
 
 from pipeline.errors import QkatlasError
-from pipeline.render import KEY_COLOUR, QUERY_COLOUR
+from viz.palette import (KEY_COLOUR, KEY_RAMP, MOD5_COLOURS, QUERY_COLOUR, QUERY_RAMP, SEARCH_COLOUR,  # noqa: F401
+                         SELECTED_COLOUR, VIRIDIS)
 
 # --- colour modes ------------------------------------------------------------------------
 
@@ -30,12 +31,6 @@ TEXT_MODES = ["query / key", "position", "position mod 5", "punctuation / specia
               "token frequency", "sequence length"]
 IMAGE_MODES = ["query / key", "position", "patch row", "patch column", "patch colour", "norm"]
 N_BINS = 8
-QUERY_RAMP = ["#d9f0d3", "#aedea7", "#7fc97f", "#5fb96c", "#3d9a4f", "#238443", "#006837", "#00441b"]
-KEY_RAMP = ["#fde0ef", "#fbb4d9", "#f38fc1", "#e3378f", "#c51b7d", "#a3135f", "#8e0152", "#5c0035"]
-VIRIDIS = ["#440154", "#46327e", "#365c8d", "#277f8e", "#1fa187", "#4ac16d", "#a0da39", "#fde725"]
-SEARCH_COLOUR = "#ff7f00"
-SELECTED_COLOUR = "#1f3fff"
-MOD5_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
 NORM_TIERS = 3  # dot sizes when sized by norm: small, medium, large
 
 # one line beside each mode's legend: what the colour says

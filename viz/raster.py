@@ -1,14 +1,21 @@
-"""Server-side rasterization of one head: one datashader `count_cat` pass per view range.
+"""Every datashader rendering of qkatlas: one head's raster, one datashader `count_cat` pass per
+view range (`HeadRaster`), and the thumbnails of the matrix view, on the fly in any colour mode
+(`shade_thumbnail`) or pre-rendered in the run by `qkatlas run` (`render_thumbnail`), one path.
 
 The view calls `HeadRaster.element(...)` on every zoom or pan; `qkatlas bench serve` times that
 call against plain datashader (`Canvas.points` + `shade`) on the same data."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from viz.data import SEARCH_COLOUR, Colouring
+from pipeline.store import write_thumbnail
+from viz.data import Colouring
+from viz.palette import KEY_COLOUR, QUERY_COLOUR, SEARCH_COLOUR
 
 
 def point_frame(coords: np.ndarray, colouring: Colouring) -> pd.DataFrame:
@@ -109,3 +116,15 @@ def shade_thumbnail(coords: np.ndarray, colouring: Colouring, size: int) -> np.n
     counts = canvas.points(point_frame(coords, colouring), "x", "y", agg=ds.count_cat("c"))
     image = tf.set_background(tf.shade(counts, color_key=colouring.colour_key, how="eq_hist", min_alpha=60), "white")
     return to_rgba(image)
+
+
+def render_thumbnail(run, method: str, dim: int, layer: int, head: int, size: int = 160) -> str:
+    """Write the query/key thumbnail of one projected head into the run (a PNG, as the matrix
+    view shows it); returns its path in the run."""
+    record = run.projection_record(method, layer, head, dim)
+    coords = run.projection(method, layer, head, dim=dim)
+    kinds = np.repeat(np.array([0, 1], dtype=np.uint8), len(coords) // 2)
+    rgba = shade_thumbnail(coords, Colouring(kinds, ["query", "key"], [QUERY_COLOUR, KEY_COLOUR]), size)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return "/".join(write_thumbnail(run.dir, record, buffer.getvalue()))

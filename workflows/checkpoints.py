@@ -28,6 +28,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from pipeline.extract import PROBE
+from pipeline.heads import repeated_random_tokens
+from pipeline.sources import open_source
+
 BOS, UNK = "<|bos|>", "<unk>"
 FORMED = 0.2  # an induction score above this is about ten times a random head's (~0.02)
 
@@ -57,7 +61,6 @@ class TrainingSettings:
 
 
 def wiki_texts(limit: int | None = None) -> list[str]:
-    from pipeline.sources import open_source
 
     return [item.text or "" for item in itertools.islice(open_source("demo:wiki"), limit)]
 
@@ -110,8 +113,6 @@ def training_batches(stream: np.ndarray, token_ids: np.ndarray, bos_id: int, set
 
 def probe_tokens(tokenizer) -> torch.Tensor:
     """The induction probe `qkatlas` extracts for this tokenizer ([BOS] + R + R, `pipeline.extract.PROBE`)."""
-    from pipeline.extract import PROBE
-    from pipeline.heads import repeated_random_tokens
 
     half = min(PROBE["half_length"], (tokenizer.model_max_length - 1) // 2)
     return torch.from_numpy(repeated_random_tokens(tokenizer.vocab_size, PROBE["n_sequences"], half, PROBE["seed"],

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Iterator
 
+from dask.system import cpu_count
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.config import (CudaClusterConfig, JobQueueClusterConfig, LocalClusterConfig,
@@ -55,13 +56,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def machine_cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def local_layout(config: LocalClusterConfig, cores: int | None = None) -> tuple[int, int, str | None]:
     """(n_workers, threads_per_worker, warning): defaults never oversubscribe the machine."""
-    cores = cores or machine_cores()
+    cores = cores or cpu_count()
     workers, threads = config.n_workers, config.threads_per_worker
     if workers is None and threads is None:
         workers = min(cores, MAX_DEFAULT_WORKERS)
@@ -122,7 +119,7 @@ def open_client(config, quiet: bool = True) -> Iterator[tuple[object, str]]:
     if isinstance(config, SchedulerClusterConfig):
         try:
             client = Client(config.address, timeout=config.timeout)
-        except (OSError, TimeoutError) as error:
+        except OSError as error:  # TimeoutError included
             raise ClusterError(f"cannot reach the Dask scheduler at cluster.address {config.address}: {error}") \
                 from None
         try:

@@ -1,6 +1,6 @@
 """`qkatlas compare-run`: a group of runs over one corpus, and what relates them.
 
-    member 1 ─► member 2 ─► ... (each the `qkatlas run` workflow, `workflows.run_cli.execute`,
+    member 1 ─► member 2 ─► ... (each the `qkatlas run` workflow, `workflows.runner.execute`,
                                  into GROUP/NAME, on one cluster)
             └► token tables: fingerprints recorded; identical tables are shared
             └► character spans of every member, when tokenizers differ (`pipeline.align`)
@@ -19,9 +19,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.config import AlignConfig, GroupConfig, ReduceConfig, RunConfig
+from pipeline.align import aligned_layouts, best_match, char_spans, match_by_spans, point_match, token_fingerprint
+from pipeline.config import AlignConfig, ConfigError, GroupConfig, ReduceConfig, RunConfig
 from pipeline.hooks import hold
-from pipeline.store.group import GroupDir, GroupMemberInfo, aligned_damage, committed_aligned, load_group_manifest
+from pipeline.models import resolve_model_path
+from pipeline.reduce import pick_backend
+from pipeline.reduce.project import head_points
+from pipeline.store import open_run, writing
+from pipeline.store.group import (
+    GroupDir,
+    GroupMemberInfo,
+    aligned_damage,
+    committed_aligned,
+    load_group_manifest,
+    mark_group_complete,
+    open_group,
+    prepare_group,
+    record_token_tables,
+    token_spans,
+    write_aligned,
+    write_token_spans,
+)
+from workflows.graph import pending
+from workflows.runner import execute
 
 
 @dataclass
@@ -46,7 +66,6 @@ def member_configs(config: GroupConfig) -> list[tuple[str, RunConfig]]:
 
 def align_heads(align: AlignConfig, runs: list) -> list[tuple[str, int, int, int]]:
     """Every (method, dim, layer, head) to align: the asked-for layers and heads that every member has."""
-    from pipeline.config import ConfigError
 
     common_layers = sorted(set.intersection(*(set(run.layers) for run in runs)))
     n_heads = min(run.n_heads for run in runs)
@@ -63,8 +82,6 @@ def align_heads(align: AlignConfig, runs: list) -> list[tuple[str, int, int, int
 
 def group_todo(config: GroupConfig) -> GroupTodo:
     """Read the group directory and list what is not committed yet (no cluster needed)."""
-    from pipeline.store import open_run
-    from workflows.graph import pending
 
     group = GroupDir(config.group.out)
     todo = GroupTodo()
@@ -76,7 +93,6 @@ def group_todo(config: GroupConfig) -> GroupTodo:
     todo.members = [name for name, run_config in member_configs(config) if not pending(run_config).done]
     if todo.members:
         return todo
-    from pipeline.store.group import token_spans
 
     names = [member.name for member in config.group.members]
     fingerprints = {manifest.token_tables.get(name) for name in names}
@@ -96,10 +112,6 @@ def member_spans(group_url: str, name: str, model: str) -> int:
     """Character spans of member `name`'s tokens, from its tokenizer, committed to the group."""
     from transformers import AutoTokenizer
 
-    from pipeline.align import char_spans
-    from pipeline.models import resolve_model_path
-    from pipeline.store import open_run
-    from pipeline.store.group import write_token_spans
 
     group = GroupDir(group_url)
     run = open_run(group.member_url(name))
@@ -113,7 +125,6 @@ def member_spans(group_url: str, name: str, model: str) -> int:
 def head_matches(group, names: list[str]) -> list[np.ndarray | None]:
     """For each member after the first, the point of the previous member each of its points is:
     identity where their token tables are identical, else by character spans."""
-    from pipeline.align import best_match, match_by_spans, point_match
 
     matches: list[np.ndarray | None] = [None]
     for previous, current in zip(names, names[1:]):
@@ -131,10 +142,6 @@ def head_matches(group, names: list[str]) -> list[np.ndarray | None]:
 def align_head(group_url: str, align: AlignConfig, reduce: ReduceConfig, method: str, dim: int, layer: int,
                head: int) -> dict:
     """One head's aligned layouts over every member, in order, committed to the group."""
-    from pipeline.align import aligned_layouts
-    from pipeline.reduce import pick_backend
-    from pipeline.reduce.project import head_points
-    from pipeline.store.group import open_group, write_aligned
 
     hold(f"align-L{layer:03d}H{head:03d}")
     began = time.perf_counter()
@@ -166,10 +173,6 @@ class GroupOutcome:
 
 def run_group(config: GroupConfig, client, show_progress: bool = True, say=print) -> GroupOutcome:
     """Run every member, then record token tables, spans and aligned layouts (see the module)."""
-    from pipeline.align import token_fingerprint
-    from pipeline.store import open_run, writing
-    from pipeline.store.group import mark_group_complete, prepare_group, record_token_tables, token_spans
-    from workflows.run_cli import execute
 
     outcome = GroupOutcome()
     members = [GroupMemberInfo(name=m.name, model=m.model, step=m.step) for m in config.group.members]

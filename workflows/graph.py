@@ -12,7 +12,8 @@ they run the same on a LocalCluster, dask-cuda workers, batch-queue workers or a
 
 Worker-side state: each worker process keeps the last model it loaded (`cached_model`), so
 a worker loads it once however many shards it extracts, and runs one heavy task (a forward
-pass or a projection) at a time on the cores it was given (`worker_cores`).
+pass or a projection) at a time on the cores it was given (`worker_cores`). Tasks import the
+pipeline stage they run inside their bodies, so that the driver never loads umap or datashader.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
+
+from dask.system import cpu_count
 
 from pipeline.config import ExtractConfig, ReduceConfig, RunConfig
 from pipeline.hooks import hold
@@ -50,7 +53,7 @@ def worker_cores() -> int:
 
         return max(1, int(get_worker().state.nthreads))
     except (ImportError, ValueError, AttributeError):
-        return len(os.sched_getaffinity(0))
+        return cpu_count()
 
 
 def cached_model(config: ExtractConfig):
@@ -82,14 +85,9 @@ def cached_run(url: str):
 
 
 def _configure_threads(config: ExtractConfig | None = None) -> int:
-    import torch
+    from pipeline.extract import configure_threads
 
-    from pipeline.extract import bound_heap_growth
-
-    threads = (config.threads if config is not None and config.threads else None) or worker_cores()
-    torch.set_num_threads(threads)
-    bound_heap_growth()
-    return threads
+    return configure_threads((config.threads if config is not None else None) or worker_cores())
 
 
 # --- the tasks ------------------------------------------------------------------------------
@@ -211,7 +209,7 @@ def project_head(url: str, config: ReduceConfig, method: str, dim: int, layer: i
 
 def thumbnail(url: str, method: str, dim: int, layer: int, head: int, size: int, *_after) -> str:
     """The matrix view's thumbnail of one projected head (skipped if it exists)."""
-    from pipeline.render import render_thumbnail
+    from viz.raster import render_thumbnail
 
     run = cached_run(url)
     if run.thumbnail_png(method, dim, layer, head) is not None:

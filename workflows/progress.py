@@ -1,5 +1,5 @@
-"""Progress of extraction and of `qkatlas run`'s stages: rich bars on a terminal, plain lines
-in logs (cron, SLURM), where a bar prints nothing until it ends."""
+"""Progress of every long command: rich bars on a terminal, plain lines in logs (cron, SLURM),
+where a bar prints nothing until it ends."""
 
 from __future__ import annotations
 
@@ -23,57 +23,6 @@ def progress_every() -> float:
         return 30.0
 
 
-@contextlib.contextmanager
-def extraction_progress(total_sequences: int | None, label: str = "extracting"):
-    """Yield a callback `on_batch(n_sequences, n_tokens)` that advances the bar."""
-    columns = [SpinnerColumn(), TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("seqs  {task.fields[tokens]:,} tokens  {task.fields[rate]:,.0f} tokens/s"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(label, total=total_sequences, tokens=0, rate=0.0)
-        began = time.perf_counter()
-        tokens = 0
-
-        def on_batch(n_sequences: int, n_tokens: int) -> None:
-            nonlocal tokens
-            tokens += n_tokens
-            rate = tokens / max(time.perf_counter() - began, 1e-9)
-            bar.update(task, advance=n_sequences, tokens=tokens, rate=rate)
-
-        yield on_batch
-
-
-@contextlib.contextmanager
-def stage_bar(label: str, total: int, every: float = 30.0):
-    """Yield `advance(n=1)`. On a terminal, a rich bar; otherwise (a cron or SLURM log) a plain line
-    `label: done/total, rate/s, ETA` at most every `every` seconds and once at the end."""
-    began = time.perf_counter()
-    if console.is_terminal:
-        columns = [SpinnerColumn(), TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn()]
-        with Progress(*columns, console=console) as bar:
-            task = bar.add_task(label, total=total)
-            yield lambda n=1: bar.update(task, advance=n)
-        return
-    state = {"done": 0, "printed": began}
-
-    def line() -> None:
-        elapsed = time.perf_counter() - began
-        rate = state["done"] / max(elapsed, 1e-9)
-        eta = (total - state["done"]) / rate if rate > 0 else float("nan")
-        console.print(f"{label}: {state['done']}/{total}  {rate:.2f}/s  elapsed {elapsed:.0f} s  ETA {eta:.0f} s",
-                      highlight=False, soft_wrap=True)
-
-    def advance(n: int = 1) -> None:
-        state["done"] += n
-        if time.perf_counter() - state["printed"] >= every:
-            state["printed"] = time.perf_counter()
-            line()
-
-    yield advance
-    line()
-
-
 def duration_text(seconds: float) -> str:
     """`42 s`, `3 min 05 s`, `2 h 10 min`."""
     seconds = int(round(seconds))
@@ -84,19 +33,56 @@ def duration_text(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-@contextlib.contextmanager
-def stage_lines(stages: dict[str, tuple[str, int]], every: float | None = None):
-    """Plain progress lines for a log: yields `on_done(stage, label, result)` (result None for a
-    failed task). `stages`: {stage: (title, number of tasks)}.
+class _Counts:
+    """What one stage has done: tasks done and failed, tokens, when it could start."""
 
-    Every `every` seconds (default `progress_every()`), whether or not a task finished, a line per
-    running stage, `HH:MM:SS title: done/total, rate/s, ETA` (tokens too for extraction), and
-    one naming the stages still waiting; a line at once for each failed task and each stage that
-    completes. A stage's rate counts from when it could start: the last time another stage
-    completed before its first task did (its dependencies), else the start."""
+    def __init__(self, title: str, total: int | None):
+        self.title, self.total = title, total
+        self.done = self.failed = self.tokens = 0
+        self.start: float | None = None
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed
+
+    @property
+    def complete(self) -> bool:
+        return self.total is not None and self.finished >= self.total
+
+    def line(self, began: float) -> str:
+        elapsed = time.perf_counter() - (self.start if self.start is not None else began)
+        text = f"{self.title}: {self.finished}/{self.total if self.total is not None else '?'}"
+        if self.failed:
+            text += f" ({self.failed} failed)"
+        if self.tokens:
+            text += f", {self.tokens:,} tokens ({self.tokens / max(elapsed, 1e-9):,.0f} tokens/s)"
+        if self.complete:
+            return text + f", done in {duration_text(time.perf_counter() - began)}"
+        rate = self.finished / max(elapsed, 1e-9)
+        if self.total is None or rate == 0:
+            return text + f", {rate:.2f}/s"
+        return text + f", {rate:.2f}/s, ETA {duration_text((self.total - self.finished) / rate)}"
+
+
+@contextlib.contextmanager
+def progress(stages: dict[str, tuple[str, int | None]], every: float | None = None):
+    """The one progress reporter of every long command. `stages`: {stage: (title, number of
+    tasks, None if unknown)}. Yields `advance(stage, n=1, detail="", tokens=0, failed=False)`.
+
+    On a terminal, a rich bar per stage with the last task's `detail`. Otherwise (a cron or SLURM
+    log, where a bar prints nothing until it ends): every `every` seconds (default
+    `progress_every()`), whether or not a task finished, a line per running stage,
+    `HH:MM:SS title: done/total, rate/s, ETA` (tokens too where given), and one naming the
+    stages still waiting; a line at once for each failed task and each stage that completes.
+    A stage's rate counts from when it could start: the last time another stage completed
+    before its first task did (its dependencies), else the start."""
+    counts = {stage: _Counts(title, total) for stage, (title, total) in stages.items()}
+    if console.is_terminal:
+        with _bars(counts) as advance:
+            yield advance
+        return
     every = every if every is not None else progress_every()
     began = time.perf_counter()
-    counts = {stage: {"done": 0, "failed": 0, "tokens": 0, "start": None} for stage in stages}
     completed_at = [began]
     lock = threading.Lock()
     stop = threading.Event()
@@ -104,28 +90,11 @@ def stage_lines(stages: dict[str, tuple[str, int]], every: float | None = None):
     def say(text: str) -> None:
         console.print(f"{time.strftime('%H:%M:%S')} {text}", highlight=False, soft_wrap=True, markup=False)
 
-    def finished(stage: str) -> int:
-        return counts[stage]["done"] + counts[stage]["failed"]
-
-    def line(stage: str) -> str:
-        title, total = stages[stage]
-        count = counts[stage]
-        elapsed = time.perf_counter() - count["start"]
-        text = f"{title}: {finished(stage)}/{total}"
-        if count["failed"]:
-            text += f" ({count['failed']} failed)"
-        if count["tokens"]:
-            text += f", {count['tokens']:,} tokens ({count['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s)"
-        if finished(stage) == total:
-            return text + f", done in {duration_text(time.perf_counter() - began)}"
-        rate = finished(stage) / max(elapsed, 1e-9)
-        return text + f", {rate:.2f}/s, ETA {duration_text((total - finished(stage)) / rate)}"
-
     def report() -> None:
-        waiting = [f"{title} 0/{total}" for stage, (title, total) in stages.items() if finished(stage) == 0]
-        for stage, (_, total) in stages.items():
-            if 0 < finished(stage) < total:
-                say(line(stage))
+        for count in counts.values():
+            if count.finished and not count.complete:
+                say(count.line(began))
+        waiting = [f"{count.title} 0/{count.total}" for count in counts.values() if count.finished == 0]
         if waiting:
             say(f"waiting ({duration_text(time.perf_counter() - began)} elapsed): {', '.join(waiting)}")
 
@@ -134,28 +103,50 @@ def stage_lines(stages: dict[str, tuple[str, int]], every: float | None = None):
             with lock:
                 report()
 
-    def on_done(stage: str, label: str, result) -> None:
+    def advance(stage: str, n: int = 1, detail: str = "", tokens: int = 0, failed: bool = False) -> None:
         with lock:
             count = counts[stage]
-            if count["start"] is None:
-                count["start"] = max(completed_at)
-            if result is None:
-                count["failed"] += 1
-                say(f"{stages[stage][0]}: {label} FAILED (the error is listed at the end; a rerun redoes it)")
+            if count.start is None:
+                count.start = max(completed_at)
+            if failed:
+                count.failed += n
+                say(f"{count.title}: {detail} FAILED (the error is listed at the end; a rerun redoes it)")
             else:
-                count["done"] += 1
-                if stage == "extract" and isinstance(result, dict) and isinstance(result.get("n_tokens"), int):
-                    count["tokens"] += result["n_tokens"]
-            if finished(stage) == stages[stage][1]:
+                count.done += n
+                count.tokens += tokens
+            if count.complete:
                 completed_at.append(time.perf_counter())
-                say(line(stage))
+                say(count.line(began))
 
     with lock:
         report()
     heartbeat = threading.Thread(target=beat, name="qkatlas-progress", daemon=True)
     heartbeat.start()
     try:
-        yield on_done
+        yield advance
     finally:
         stop.set()
         heartbeat.join()
+        with lock:
+            for count in counts.values():
+                if count.finished and not count.complete:  # an open-ended stage (no total) ends here
+                    say(count.line(began))
+
+
+@contextlib.contextmanager
+def _bars(counts: dict[str, _Counts]):
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as bar:
+        began = time.perf_counter()
+        tasks = {stage: bar.add_task(count.title, total=count.total, detail="") for stage, count in counts.items()}
+
+        def advance(stage: str, n: int = 1, detail: str = "", tokens: int = 0, failed: bool = False) -> None:
+            count = counts[stage]
+            count.tokens += tokens
+            if count.tokens:
+                rate = count.tokens / max(time.perf_counter() - began, 1e-9)
+                detail = f"{detail}  {count.tokens:,} tokens  {rate:,.0f} tokens/s".strip()
+            bar.update(tasks[stage], advance=n, detail=f"{detail} FAILED" if failed else detail)
+
+        yield advance

@@ -95,7 +95,7 @@ def load_group_manifest(group: GroupDir) -> GroupManifest:
                          "`qkatlas compare-run GROUP.yaml`")
     try:
         return GroupManifest.model_validate(group.read_json(*group.manifest))
-    except (ValueError, ValidationError) as error:
+    except ValueError as error:  # pydantic's ValidationError included
         first = error.errors()[0]["msg"] if isinstance(error, ValidationError) else str(error)
         raise StoreError(f"{group.url_of(*group.manifest)} is damaged or not a qkatlas group manifest ({first})") \
             from None

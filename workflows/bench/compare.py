@@ -17,15 +17,19 @@ import time
 import numpy as np
 from rich.table import Table
 
+from pipeline.align import aligned_layouts, displacement, procrustes, project
+from pipeline.config import AlignConfig, GroupConfig, ReduceConfig, cache_dir
+from pipeline.reduce import load_backend
+from pipeline.reduce.project import head_points, knn_preservation
+from pipeline.store.group import open_group
+from workflows.checkpoints import TrainingSettings, group_file, train_checkpoints
+from workflows.cluster import open_client
+from workflows.compare import group_todo, head_matches, run_group
 from workflows.progress import console
 
 
 def _bench_group() -> str:
     """The demo checkpoints (trained once) run over demo:wiki into the cache, without aligned layouts."""
-    from pipeline.config import GroupConfig, cache_dir
-    from workflows.checkpoints import TrainingSettings, group_file, train_checkpoints
-    from workflows.cluster import open_client
-    from workflows.compare import group_todo, run_group
 
     root = cache_dir() / "bench-compare"
     checkpoints = root / "checkpoints"
@@ -59,13 +63,6 @@ def _pick_head(group, names: list[str], layer: int) -> int:
 
 def bench_compare(group_url: str | None, layer: int, head: int | None, n_members: int = 8,
                   epochs: int | None = None) -> dict:
-    from pipeline.align import aligned_layouts, displacement, procrustes, project
-    from pipeline.config import ReduceConfig
-    from pipeline.reduce import load_backend
-    from pipeline.config import AlignConfig
-    from pipeline.reduce.project import head_points, knn_preservation
-    from pipeline.store.group import open_group
-    from workflows.compare import head_matches
 
     group = open_group(group_url or _bench_group())
     if len(group.members) < n_members:

@@ -8,14 +8,15 @@ import time
 import torch
 from rich.table import Table
 
+from pipeline.config import ExtractConfig, cache_dir
+from pipeline.extract import extract
+from pipeline.heads import measure_run
+from pipeline.store import StoreError, open_run
 from workflows.progress import console
 
 
 def whole_corpus_run(limit: int | None) -> str:
     """A cached demo:minilm run over demo:wiki (the whole corpus unless `limit`), built once."""
-    from pipeline.config import ExtractConfig, cache_dir
-    from pipeline.extract import extract
-    from pipeline.store import StoreError, open_run
 
     out = cache_dir() / f"bench-heads-{limit or 'all'}"
     try:
@@ -30,8 +31,6 @@ def whole_corpus_run(limit: int | None) -> str:
 
 
 def bench_heads(run_url: str | None, limit: int | None, threads: int) -> dict:
-    from pipeline.heads import measure_run
-    from pipeline.store import open_run
 
     run = open_run(run_url or whole_corpus_run(limit))
     torch.set_num_threads(threads)  # after the extraction, which sets its own

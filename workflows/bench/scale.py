@@ -15,8 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from dask.system import cpu_count
 from rich.table import Table
 
+from pipeline.config import validate
+from workflows.cluster import open_client
+from workflows.graph import pending, prepare, submit_graph, warm_worker
 from workflows.progress import console
 
 
@@ -28,9 +32,6 @@ def _measure(model: str, data: str, sequences: int, methods: list[str], heads: i
              workers: int, threads: int, root: Path) -> dict:
     from distributed import wait
 
-    from pipeline.config import validate
-    from workflows.cluster import open_client
-    from workflows.graph import pending, prepare, submit_graph, warm_worker
 
     config = validate({
         "extract": {"model": model, "data": data, "out": str(root / f"run-{workers}w"), "limit": sequences,
@@ -73,7 +74,7 @@ def _demo_seconds(config: Path, root: Path) -> tuple[float, int]:
     """Total wall time of `qkatlas run CONFIG` in a fresh process (cold: cluster start, model
     loads, numba compilation included), into a fresh run directory."""
     began = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", "from workflows.cli import app; app()", "run", str(config),
+    result = subprocess.run([sys.executable, "-c", "from workflows.cli import main; main()", "run", str(config),
                              "--out", str(root / "demo")], capture_output=True, text=True)
     if result.returncode != 0:
         console.print(result.stderr[-2000:])
@@ -82,9 +83,8 @@ def _demo_seconds(config: Path, root: Path) -> tuple[float, int]:
 
 def bench_scale(model: str, data: str, sequences: int, methods: list[str], heads: int, shards: int,
                 demo: Path | None) -> dict:
-    from workflows.cluster import machine_cores
 
-    cores = machine_cores()
+    cores = cpu_count()
     results = []
     with tempfile.TemporaryDirectory(prefix="qkatlas-bench-scale-") as tmp:
         for workers, threads in _layouts(cores):

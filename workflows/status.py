@@ -1,4 +1,4 @@
-"""`qkatlas status RUN`: what a run has committed, what is pending and what is damaged, per stage;
+"""What a run has committed, what is pending and what is damaged, per stage (`qkatlas status`);
 when each stage ran and how long it took; for a running run, who holds it, the rate and the ETA.
 
 Exit code (for cron and CI scripts):
@@ -15,15 +15,18 @@ layers show only what is committed, unless `--config RUN.yaml` says what the run
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import typer
-
 from pipeline.errors import QkatlasError
+from pipeline.store import RunDir, StoreError, is_run, load_manifest, open_run
+from pipeline.store.commits import (derived_commits, head_layer_commits, lock_holder, part_commits,
+                                    projection_commits)
+from workflows.graph import heads_of, pending
+from workflows.progress import duration_text
+from workflows.runner import load_run_config
 
 STAGES = ("parts", "probe", "projections", "thumbnails", "regions", "head_layers")
 EXIT_CODES = {"complete": 0, "incomplete": 1, "no run": 1, "damaged": 3}
@@ -85,8 +88,6 @@ def _epoch(iso: str | None) -> float | None:
 
 def _todo(url: str, config_path: Path, manifest):
     """`workflows.graph.pending` for the run file, its extract.out set to RUN."""
-    from workflows.graph import pending
-    from workflows.run_cli import load_run_config
 
     settings = load_run_config(config_path, out=url)
     if manifest is not None and manifest.config != settings.extract:
@@ -104,7 +105,6 @@ def _todo(url: str, config_path: Path, manifest):
 
 
 def _same_place(left: str, right: str) -> bool:
-    from pipeline.store import RunDir
 
     a, b = RunDir(left), RunDir(right)
     if a.is_local and b.is_local:
@@ -114,9 +114,6 @@ def _same_place(left: str, right: str) -> bool:
 
 def collect(url: str, config_path: Path | None = None, verify: bool = False) -> dict:
     """The status of the run at `url` as a JSON-ready dict (see the module's docstring)."""
-    from pipeline.store import RunDir, is_run, load_manifest
-    from pipeline.store.commits import (derived_commits, head_layer_commits, lock_holder, part_commits,
-                                        projection_commits)
 
     now = time.time()
     run = RunDir(url)
@@ -159,7 +156,6 @@ def collect(url: str, config_path: Path | None = None, verify: bool = False) -> 
     stages["regions"].commits = derived_commits(run, "regions", projections.commits)
     stages["head_layers"].commits = head_layer_commits(run)
     if todo is not None:
-        from workflows.graph import heads_of
 
         heads = todo.heads or heads_of(manifest, settings.reduce)
         workflow = settings.workflow
@@ -200,7 +196,6 @@ def collect(url: str, config_path: Path | None = None, verify: bool = False) -> 
 
 def _verify(url: str, stages: dict[str, Stage], report: dict) -> None:
     """Add what `Run.verify()` (reading every committed byte) finds to the stages' damage."""
-    from pipeline.store import StoreError, open_run
 
     try:
         damage = open_run(url).verify()
@@ -221,7 +216,6 @@ def _clock(iso: str | None) -> str:
 
 
 def _seconds(value: float | None) -> str:
-    from workflows.progress import duration_text
 
     return "-" if value is None else (f"{value:.1f} s" if value < 60 else duration_text(value))
 
@@ -270,25 +264,3 @@ def render(report: dict) -> str:
         lines.extend(f"note: {', '.join(names)}: {note}" for note, names in notes.items())
     lines.extend(f"note: {note}" for note in report["notes"])
     return "\n".join(lines)
-
-
-def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    """Add `qkatlas status` to the command line."""
-
-    @app.command()
-    def status(
-        run: str = typer.Argument(..., help="run directory or URL"),
-        config: Path | None = typer.Option(None, "--config", "-c", help=(
-            "the run file (YAML) the run was made with: pending projections, thumbnails, regions and head layers "
-            "are computed against it")),
-        verify: bool = typer.Option(False, "--verify", help=(
-            "read every committed part, projection and head table (Run.verify); without it, cheap checks of files "
-            "and sizes")),
-        as_json: bool = typer.Option(False, "--json", help="print the status as JSON"),
-    ) -> None:
-        """What a run has committed, what is pending or damaged, when each stage ran, and the rate
-        and ETA of a running run. Exit 0 complete, 1 incomplete (or running, or no run yet),
-        3 damaged, 2 a user error."""
-        report = collect(run, config, verify)
-        typer.echo(json.dumps(report, indent=1) if as_json else render(report))
-        raise typer.Exit(code=report["exit_code"])

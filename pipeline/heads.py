@@ -33,6 +33,10 @@ Per-head measures (`measure_head`), `a[i, j]` the weight of query i on key j of 
   TransformerLens's duplicate-token pattern).
 - `confidence`: mean of each query's largest weight (Voita et al. 2019, sec. 4.1).
 - `n_queries`: the number of counted queries.
+- `offset_weights`: the head's attention by relative position, averaged over the corpus
+  (AttentionViz's aggregate view, computed here rather than in the browser): a list whose entry
+  k is the mean of a[i, i + d], d = k - (max_length - 1), over the counted queries that see
+  key i + d; NaN where none does (d > 0 in a causal run).
 Argmax ties (weights equal to float32 rounding) go to the first key, as `np.argmax` does.
 
 Top sequences (`measure_head`'s second return): the sequences where the head is most itself,
@@ -107,6 +111,8 @@ class Masks:
     feature_groups: torch.Tensor  # [n_columns, 2] one-hot: special, punctuation
     duplicate_index: tuple[torch.Tensor, torch.Tensor]  # flat (i, j, b) and (i, b) of visible same-id pairs
     offset_base: torch.Tensor  # [query, 1] max_length - i
+    pair_offsets: torch.Tensor  # [query * key] int64 j - i + max_length
+    offset_queries: torch.Tensor  # [2 * max_length + 1] float: counted queries that see each offset j - i
     reversed_keys: torch.Tensor  # [1, key - 1, 1] length - k for keys k >= 1
     n_counted: torch.Tensor  # [batch] float
     counts: dict  # queries, prev, next, duplicate: how many queries each mean is over
@@ -178,6 +184,7 @@ class Bucket:
         b, i, j = self.duplicates.unbind(1)
         keep = visible[i, j, b] & counted[i, b]
         b, i, j = b[keep], i[keep], j[keep]
+        pair_offsets = (torch.arange(length)[None, :] - torch.arange(length)[:, None] + self.max_length).view(-1)
         return Masks(
             additive=None if bool(rule.all()) else torch.zeros(length, length, 1).masked_fill_(
                 ~rule[:, :, None], float("-inf")),
@@ -190,6 +197,9 @@ class Bucket:
             feature_groups=torch.nn.functional.one_hot(torch.cat(groups), 2).float(),
             duplicate_index=((i * length + j) * n + b, i * n + b),
             offset_base=(self.max_length - torch.arange(length))[:, None],
+            pair_offsets=pair_offsets,
+            offset_queries=torch.bincount(pair_offsets, weights=(visible & counted[:, None, :]).sum(2).view(-1).double(),
+                                          minlength=2 * self.max_length + 1),
             reversed_keys=torch.arange(length - 1, 0, -1, dtype=torch.float32)[None, :, None],
             n_counted=counted.sum(0).float(),
             counts={"queries": int(counted.sum()), "prev": int(has_prev.sum()), "next": int(has_next.sum()),
@@ -319,6 +329,8 @@ class HeadAccumulator:
         self.sums = torch.zeros(len(SUMMED), dtype=torch.float64, device=device)
         self.counts = {"queries": 0, "prev": 0, "next": 0, "duplicate": 0}
         self.offsets = torch.zeros(2 * plan.max_length + 1, dtype=torch.float64, device=device)  # offset -> queries
+        self.offset_weights = torch.zeros_like(self.offsets)  # offset j - i -> summed weight a[i, j]
+        self.offset_queries = torch.zeros_like(self.offsets)  # offset j - i -> queries that see it
         self.max_length = plan.max_length
         self.sequence_scores = np.full(len(plan.seq_ids), np.nan)
 
@@ -356,6 +368,9 @@ class HeadAccumulator:
         first_max = torch.where((top >= 2) & ~max_at_first, length + 1 - top, 0.0).long()
         offsets = (first_max.view(length, n) + masks.offset_base).view(-1)
         self.offsets += torch.bincount(offsets, weights=masks.counted, minlength=len(self.offsets))
+        on_pairs = torch.bmm(exp_scores, counted_inverse.view(length, n, 1)).view(-1)  # [query * key] summed over batch
+        self.offset_weights += torch.bincount(masks.pair_offsets, weights=on_pairs.double(), minlength=len(self.offsets))
+        self.offset_queries += masks.offset_queries
 
     def row(self) -> dict:
         n = self.counts["queries"]
@@ -369,6 +384,9 @@ class HeadAccumulator:
         mode = int(self.offsets.argmax())
         row.update(positional_offset=mode - self.max_length if n else 0,
                    positional_share=float(self.offsets[mode]) / n if n else math.nan, n_queries=n)
+        seen = self.offset_queries > 0  # masked keys hold exp(CLAMP) > 0: unseen offsets are set NaN, not 0/0
+        by_offset = torch.where(seen, self.offset_weights / self.offset_queries.clamp(min=1), math.nan)
+        row["offset_weights"] = by_offset[1:-1].cpu().tolist()  # offsets 1 - max_length .. max_length - 1
         return row
 
 
@@ -525,7 +543,7 @@ def measure_run(run, probe_run=None, layers: list[int] | None = None, heads: lis
         tops.extend(top)
         if on_head is not None:
             on_head(layer, head, row)
-    measurements = pd.DataFrame(rows, columns=["layer", "head", *MEASURES, *PROBE_SCORES])
+    measurements = pd.DataFrame(rows, columns=["layer", "head", *MEASURES, *PROBE_SCORES, "offset_weights"])
     return measurements, pd.DataFrame(tops, columns=TOP_COLUMNS)
 
 

@@ -46,10 +46,11 @@ def visible_keys(length: int, mask_rule: str, window: int | None) -> np.ndarray:
 def reference_measures(tokens, attention_of, mask_rule: str, window: int | None, top_k: int = 5,
                        min_top_length: int = 8) -> tuple[dict, list[tuple[int, float]]]:
     """`attention_of(seq_id)` -> [len, len] weights of one head. Returns (row, [(seq_id, score)])."""
+    max_length = int(tokens.groupby("seq_id").size().max())
     values = {name: [] for name in ("entropy", "entropy_norm", "sink_weight", "sink_argmax_share", "prev_weight",
                                     "self_weight", "next_weight", "special_weight", "punct_weight",
                                     "duplicate_weight", "confidence")}
-    offsets, scores = [], {}
+    offsets, scores, by_offset = [], {}, {d: [] for d in range(1 - max_length, max_length)}
     for seq_id, rows in tokens.groupby("seq_id", sort=False):
         weights = np.asarray(attention_of(seq_id), dtype=np.float64)
         length = len(rows)
@@ -79,6 +80,8 @@ def reference_measures(tokens, attention_of, mask_rule: str, window: int | None,
                 values["duplicate_weight"].append(w[earlier].sum())
             values["confidence"].append(w.max())
             offsets.append(int(np.argmax(w)) - i)
+            for j in np.flatnonzero(visible[i]):
+                by_offset[j - i].append(w[j])
             best_other.append(w[1:].max())
         if best_other:
             scores[int(seq_id)] = (float(np.mean(best_other)), length)
@@ -89,6 +92,7 @@ def reference_measures(tokens, attention_of, mask_rule: str, window: int | None,
     row["positional_offset"] = int(found[np.argmax(counts)])  # np.unique sorts: ties go to the most negative
     row["positional_share"] = counts.max() / len(offsets)
     row["n_queries"] = len(offsets)
+    row["offset_weights"] = [float(np.mean(by_offset[d])) if by_offset[d] else math.nan for d in sorted(by_offset)]
     eligible = {seq: score for seq, (score, length) in scores.items() if length >= min_top_length} or \
         {seq: score for seq, (score, _) in scores.items()}
     top = sorted(eligible.items(), key=lambda item: (-item[1], item[0]))[:top_k]
@@ -97,7 +101,9 @@ def reference_measures(tokens, attention_of, mask_rule: str, window: int | None,
 
 def assert_same(got: dict, expected: dict, where: str) -> None:
     for name, value in expected.items():
-        if isinstance(value, float) and math.isnan(value):
+        if isinstance(value, list):
+            np.testing.assert_allclose(got[name], value, atol=TOLERANCE, err_msg=f"{where} {name}")
+        elif isinstance(value, float) and math.isnan(value):
             assert math.isnan(got[name]), f"{where} {name}: {got[name]} where NaN was expected"
         else:
             assert got[name] == pytest.approx(value, abs=TOLERANCE), f"{where} {name}"
@@ -274,6 +280,12 @@ def test_known_causal_heads(tmp_path):
     assert sink["prev_weight"] < 0.5 and sink["self_weight"] < 0.01
     assert duplicate["duplicate_weight"] > 0.99 and duplicate["prev_weight"] < 0.01
     assert duplicate["positional_offset"] == -3
+    # the aggregate view: by relative offset d = k - (max_length - 1); keys after the query are never seen
+    longest = max(LENGTHS)
+    by_offset = dict(zip(range(1 - longest, longest), previous["offset_weights"]))
+    assert by_offset[-1] > 0.99 and by_offset[0] < 0.01 and by_offset[-2] < 0.01
+    assert all(math.isnan(by_offset[d]) for d in range(1, longest))
+    assert dict(zip(range(1 - longest, longest), duplicate["offset_weights"]))[-3] > 0.99
     # most itself: largest weight off position 0, averaged over queries, is (len - 2) / (len - 1) for the
     # previous-token head, so the longest sequences come first; the 3-token one is too short to rank.
     ranked = top[top["head"] == 0].sort_values("rank")
@@ -327,7 +339,9 @@ def test_measure_head_alone_equals_measure_run(tmp_path):
                              rng.normal(size=(1, 1, n_tokens, 4)), lengths, rng.integers(0, 3, n_tokens), "causal"))
     measurements, top = heads.measure_run(run, heads=[1])
     row, rows = heads.measure_head(run, 0, 1)
-    assert row == pytest.approx({k: v for k, v in measurements.iloc[0].to_dict().items() if k in row}, nan_ok=True)
+    stored = measurements.iloc[0].to_dict()
+    np.testing.assert_allclose(row.pop("offset_weights"), stored["offset_weights"])
+    assert row == pytest.approx({k: v for k, v in stored.items() if k in row}, nan_ok=True)
     assert [r["seq_id"] for r in rows] == top["seq_id"].tolist()
 
 

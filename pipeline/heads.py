@@ -37,6 +37,8 @@ Per-head measures (`measure_head`), `a[i, j]` the weight of query i on key j of 
   (AttentionViz's aggregate view, computed here rather than in the browser): a list whose entry
   k is the mean of a[i, i + d], d = k - (max_length - 1), over the counted queries that see
   key i + d; NaN where none does (d > 0 in a causal run).
+- `patch_offset_weights` (image runs; None for text): the same by patch offset between query and
+  key patches, row-major over (d_row, d_col), each from -(grid - 1) to grid - 1, [CLS] left out.
 Argmax ties (weights equal to float32 rounding) go to the first key, as `np.argmax` does.
 
 Top sequences (`measure_head`'s second return): the sequences where the head is most itself,
@@ -79,6 +81,7 @@ MEASURES = ["entropy", "entropy_norm", "sink_weight", "sink_argmax_share", "prev
             "next_weight", "positional_offset", "positional_share", "special_weight", "punct_weight",
             "duplicate_weight", "confidence", "n_queries"]
 PROBE_SCORES = ["induction_score", "duplicate_score", "previous_token_score"]
+PROFILES = ["offset_weights", "patch_offset_weights"]  # list-valued columns: attention by relative position
 TOP_COLUMNS = ["layer", "head", "rank", "seq_id", "score"]
 BATCH_ELEMENTS = 1 << 18  # attention weights per batch ([query, key, batch]): about L2-cache sized
 MIN_BATCH = 32  # sequences per batch, so that reductions run along vectors of at least this length
@@ -113,6 +116,7 @@ class Masks:
     offset_base: torch.Tensor  # [query, 1] max_length - i
     pair_offsets: torch.Tensor  # [query * key] int64 j - i + max_length
     offset_queries: torch.Tensor  # [2 * max_length + 1] float: counted queries that see each offset j - i
+    patch_queries: torch.Tensor | None  # image runs: [n_bins + 1] float, counted queries per patch-offset bin
     reversed_keys: torch.Tensor  # [1, key - 1, 1] length - k for keys k >= 1
     n_counted: torch.Tensor  # [batch] float
     counts: dict  # queries, prev, next, duplicate: how many queries each mean is over
@@ -140,6 +144,8 @@ class Bucket:
     punct: torch.Tensor  # [batch, pos] bool
     duplicates: torch.Tensor  # [n_pairs, 3] int64 (b, i, j): j < i, same token id, both real
     max_length: int
+    patch_bins: torch.Tensor | None = None  # image runs: [query * key] int64 patch-offset bin (`_patch_offset_bins`)
+    n_patch_bins: int = 0  # side**2 + 1: the last bin takes pairs with a non-patch token
     _masks: dict = field(default_factory=dict)
 
     @property
@@ -185,6 +191,7 @@ class Bucket:
         keep = visible[i, j, b] & counted[i, b]
         b, i, j = b[keep], i[keep], j[keep]
         pair_offsets = (torch.arange(length)[None, :] - torch.arange(length)[:, None] + self.max_length).view(-1)
+        queries_per_pair = (visible & counted[:, None, :]).sum(2).view(-1).double()  # [query * key]
         return Masks(
             additive=None if bool(rule.all()) else torch.zeros(length, length, 1).masked_fill_(
                 ~rule[:, :, None], float("-inf")),
@@ -198,8 +205,9 @@ class Bucket:
             duplicate_index=((i * length + j) * n + b, i * n + b),
             offset_base=(self.max_length - torch.arange(length))[:, None],
             pair_offsets=pair_offsets,
-            offset_queries=torch.bincount(pair_offsets, weights=(visible & counted[:, None, :]).sum(2).view(-1).double(),
-                                          minlength=2 * self.max_length + 1),
+            patch_queries=None if self.patch_bins is None else torch.bincount(
+                self.patch_bins, weights=queries_per_pair, minlength=self.n_patch_bins),
+            offset_queries=torch.bincount(pair_offsets, weights=queries_per_pair, minlength=2 * self.max_length + 1),
             reversed_keys=torch.arange(length - 1, 0, -1, dtype=torch.float32)[None, :, None],
             n_counted=counted.sum(0).float(),
             counts={"queries": int(counted.sum()), "prev": int(has_prev.sum()), "next": int(has_next.sum()),
@@ -230,6 +238,7 @@ class SequencePlan:
     order: np.ndarray  # token row of each batch slot, bucket after bucket ([batch, pos] within one)
     buckets: list[Bucket]
     max_length: int
+    patch_side: int | None = None  # image runs: 2 * grid - 1, the patch offsets along one axis
 
 
 def _batches(lengths: np.ndarray, batch_elements: int) -> list[np.ndarray]:
@@ -266,6 +275,7 @@ def plan_sequences(run, batch_elements: int = BATCH_ELEMENTS) -> SequencePlan:
     offsets = sequences["token_offset"].to_numpy(np.int64)
     lengths = sequences["n_tokens"].to_numpy(np.int64)
     buckets, order, start, max_length = [], [], 0, int(lengths.max())
+    patch_side, patch_bins = _patch_offset_bins(tokens, offsets, lengths)
     for index in _batches(lengths, batch_elements):
         index = index[np.argsort(offsets[index], kind="stable")]
         length = int(lengths[index].max())
@@ -277,10 +287,26 @@ def plan_sequences(run, batch_elements: int = BATCH_ELEMENTS) -> SequencePlan:
         same &= torch.from_numpy(real)[:, :, None]
         buckets.append(Bucket(length, index, torch.from_numpy(lengths[index]), start,
                               torch.from_numpy(special[rows] & real), torch.from_numpy(punct[rows] & real),
-                              same.nonzero(), max_length))
+                              same.nonzero(), max_length, patch_bins, (patch_side or 0) ** 2 + 1))
         order.append(rows.reshape(-1))
         start += rows.size
-    return SequencePlan(seq_ids, lengths, np.concatenate(order), buckets, max_length)
+    return SequencePlan(seq_ids, lengths, np.concatenate(order), buckets, max_length, patch_side)
+
+
+def _patch_offset_bins(tokens: pd.DataFrame, offsets: np.ndarray, lengths: np.ndarray):
+    """Image runs (every sequence the same patches): (2 * grid - 1, [pos * pos] int64 bin of each
+    (query, key) pair of patches, (d_row + grid - 1) * side + d_col + grid - 1, or side**2 for a
+    pair with a non-patch token such as [CLS]); (None, None) for text."""
+    if "patch_row" not in tokens or tokens["patch_row"].isna().all() or (lengths != lengths[0]).any():
+        return None, None
+    first = tokens.iloc[int(offsets[0]):int(offsets[0] + lengths[0])]
+    row = first["patch_row"].fillna(-1).to_numpy(np.int64)
+    col = first["patch_col"].fillna(-1).to_numpy(np.int64)
+    grid = int(max(row.max(), col.max())) + 1
+    side = 2 * grid - 1
+    bins = (row[None, :] - row[:, None] + grid - 1) * side + (col[None, :] - col[:, None] + grid - 1)
+    patches = (row >= 0)[:, None] & (row >= 0)[None, :]
+    return side, torch.from_numpy(np.where(patches, bins, side * side).reshape(-1))
 
 
 def in_plan_order(plan: SequencePlan, vectors: np.ndarray, device: torch.device = CPU) -> torch.Tensor:
@@ -333,6 +359,10 @@ class HeadAccumulator:
         self.offset_queries = torch.zeros_like(self.offsets)  # offset j - i -> queries that see it
         self.max_length = plan.max_length
         self.sequence_scores = np.full(len(plan.seq_ids), np.nan)
+        self.patch_side = plan.patch_side
+        n_bins = (plan.patch_side or 0) ** 2 + 1
+        self.patch_weights = torch.zeros(n_bins, dtype=torch.float64, device=device)  # bin -> summed weight
+        self.patch_queries = torch.zeros_like(self.patch_weights)  # bin -> queries that see it
 
     def add(self, bucket: Bucket, masks: Masks, exp_scores: torch.Tensor, shifted: torch.Tensor,
             total: torch.Tensor) -> None:
@@ -368,9 +398,13 @@ class HeadAccumulator:
         first_max = torch.where((top >= 2) & ~max_at_first, length + 1 - top, 0.0).long()
         offsets = (first_max.view(length, n) + masks.offset_base).view(-1)
         self.offsets += torch.bincount(offsets, weights=masks.counted, minlength=len(self.offsets))
-        on_pairs = torch.bmm(exp_scores, counted_inverse.view(length, n, 1)).view(-1)  # [query * key] summed over batch
-        self.offset_weights += torch.bincount(masks.pair_offsets, weights=on_pairs.double(), minlength=len(self.offsets))
+        on_pairs = torch.bmm(exp_scores, counted_inverse.view(length, n, 1)).view(-1).double()  # [query * key]
+        self.offset_weights += torch.bincount(masks.pair_offsets, weights=on_pairs, minlength=len(self.offsets))
         self.offset_queries += masks.offset_queries
+        if bucket.patch_bins is not None and masks.patch_queries is not None:
+            patch_bins = bucket.patch_bins.to(on_pairs.device)
+            self.patch_weights += torch.bincount(patch_bins, weights=on_pairs, minlength=len(self.patch_weights))
+            self.patch_queries += masks.patch_queries
 
     def row(self) -> dict:
         n = self.counts["queries"]
@@ -387,6 +421,11 @@ class HeadAccumulator:
         seen = self.offset_queries > 0  # masked keys hold exp(CLAMP) > 0: unseen offsets are set NaN, not 0/0
         by_offset = torch.where(seen, self.offset_weights / self.offset_queries.clamp(min=1), math.nan)
         row["offset_weights"] = by_offset[1:-1].cpu().tolist()  # offsets 1 - max_length .. max_length - 1
+        row["patch_offset_weights"] = None
+        if self.patch_side:
+            seen = self.patch_queries[:-1] > 0
+            by_patch = torch.where(seen, self.patch_weights[:-1] / self.patch_queries[:-1].clamp(min=1), math.nan)
+            row["patch_offset_weights"] = by_patch.cpu().tolist()
         return row
 
 
@@ -543,7 +582,7 @@ def measure_run(run, probe_run=None, layers: list[int] | None = None, heads: lis
         tops.extend(top)
         if on_head is not None:
             on_head(layer, head, row)
-    measurements = pd.DataFrame(rows, columns=["layer", "head", *MEASURES, *PROBE_SCORES, "offset_weights"])
+    measurements = pd.DataFrame(rows, columns=["layer", "head", *MEASURES, *PROBE_SCORES, *PROFILES])
     return measurements, pd.DataFrame(tops, columns=TOP_COLUMNS)
 
 

@@ -47,6 +47,9 @@ def reference_measures(tokens, attention_of, mask_rule: str, window: int | None,
                        min_top_length: int = 8) -> tuple[dict, list[tuple[int, float]]]:
     """`attention_of(seq_id)` -> [len, len] weights of one head. Returns (row, [(seq_id, score)])."""
     max_length = int(tokens.groupby("seq_id").size().max())
+    image = "patch_row" in tokens and tokens["patch_row"].notna().any()
+    grid = int(tokens["patch_row"].max()) + 1 if image else 0
+    by_patch = {(dr, dc): [] for dr in range(1 - grid, grid) for dc in range(1 - grid, grid)}
     values = {name: [] for name in ("entropy", "entropy_norm", "sink_weight", "sink_argmax_share", "prev_weight",
                                     "self_weight", "next_weight", "special_weight", "punct_weight",
                                     "duplicate_weight", "confidence")}
@@ -55,6 +58,7 @@ def reference_measures(tokens, attention_of, mask_rule: str, window: int | None,
         weights = np.asarray(attention_of(seq_id), dtype=np.float64)
         length = len(rows)
         ids, special, punct = (rows[column].to_numpy() for column in ("token_id", "is_special", "is_punct"))
+        patch = rows[["patch_row", "patch_col"]].to_numpy() if image else None
         visible = visible_keys(length, mask_rule, window)
         best_other = []
         for i in range(length):
@@ -82,6 +86,8 @@ def reference_measures(tokens, attention_of, mask_rule: str, window: int | None,
             offsets.append(int(np.argmax(w)) - i)
             for j in np.flatnonzero(visible[i]):
                 by_offset[j - i].append(w[j])
+                if image and min(patch[i].min(), patch[j].min()) >= 0:  # [CLS] has patch row and column -1
+                    by_patch[tuple(int(v) for v in patch[j] - patch[i])].append(w[j])
             best_other.append(w[1:].max())
         if best_other:
             scores[int(seq_id)] = (float(np.mean(best_other)), length)
@@ -93,6 +99,8 @@ def reference_measures(tokens, attention_of, mask_rule: str, window: int | None,
     row["positional_share"] = counts.max() / len(offsets)
     row["n_queries"] = len(offsets)
     row["offset_weights"] = [float(np.mean(by_offset[d])) if by_offset[d] else math.nan for d in sorted(by_offset)]
+    row["patch_offset_weights"] = [float(np.mean(v)) if v else math.nan for _, v in sorted(by_patch.items())] \
+        if image else None
     eligible = {seq: score for seq, (score, length) in scores.items() if length >= min_top_length} or \
         {seq: score for seq, (score, _) in scores.items()}
     top = sorted(eligible.items(), key=lambda item: (-item[1], item[0]))[:top_k]
@@ -101,7 +109,9 @@ def reference_measures(tokens, attention_of, mask_rule: str, window: int | None,
 
 def assert_same(got: dict, expected: dict, where: str) -> None:
     for name, value in expected.items():
-        if isinstance(value, list):
+        if value is None:
+            assert got[name] is None, f"{where} {name}"
+        elif isinstance(value, list):
             np.testing.assert_allclose(got[name], value, atol=TOLERANCE, err_msg=f"{where} {name}")
         elif isinstance(value, float) and math.isnan(value):
             assert math.isnan(got[name]), f"{where} {name}: {got[name]} where NaN was expected"

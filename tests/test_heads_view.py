@@ -210,9 +210,9 @@ def test_dashboard_wiring_without_a_browser(measured_run):
     last = run.layers[-1]
     best = table[table["layer"] == last].sort_values("sink_weight", ascending=False)["head"].iloc[0]
     assert atlas.column_ticks(run.n_heads)[0][1] == "#1"
-    dash._on_matrix_tap(x=0.5, y=0.5)  # bottom row, first cell: the last layer's strongest sink
+    dash.matrix._on_tap(x=0.5, y=0.5)  # bottom row, first cell: the last layer's strongest sink
     assert (dash.layer_w.value, dash.head_w.value) == (last, best)
-    assert len(dash._matrix_boxes().data) == 1 and dash._matrix_boxes().data.iloc[0, 0] == 0
+    assert len(dash.matrix.selected_cell()) == 1 and dash.matrix.selected_cell().iloc[0, 0] == 0
     atlas.matrix_filter, atlas.matrix_threshold = ">", float(table["sink_weight"].median())
     borders, veil, labels = atlas.matrix_marks()
     assert len(borders.data) == len(table) and len(veil.data) == (table["sink_weight"] <= atlas.matrix_threshold).sum()

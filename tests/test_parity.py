@@ -263,15 +263,15 @@ def test_dashboard_modes_size_search_and_loading(dashboard):
     assert d.raster.tier_frames is not None and "dot size" in d.legend.object
     d.size_w.value = False
     d.colour_w.value = "query / key"
-    before = d._matrix_element()
-    matrix_before = np.dstack([before.dimension_values(c, flat=False) for c in "RGB"])
+    matrix_rgb = lambda: d.matrix.image.data["image"][0].view(np.uint8).reshape(  # noqa: E731
+        *d.matrix.image.data["image"][0].shape, 4)[..., :3]
+    matrix_before = matrix_rgb().copy()
     d.search_w.value = "cat"
     assert len(d.matches) > 0 and d.raster.hits is not None and "search hits" in d.legend.object
-    matrix = d._matrix_element()
     orange = np.array([int(SEARCH_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
-    rgb = np.dstack([matrix.dimension_values(c, flat=False) for c in "RGB"])
+    rgb = matrix_rgb()
     assert (np.abs(rgb.astype(int) - orange).sum(axis=-1) < 10).sum() >= len(d.data.run.layers) * d.data.run.n_heads
-    assert f"{len(d.matches)} hits" in matrix.opts.get().kwargs["title"] and "marked orange" in d.matrix_caption.object
+    assert f"{len(d.matches)} hits" in d.matrix.figure.title.text and "marked orange" in d.matrix.caption.object
     assert not np.array_equal(matrix_before, rgb)
     d.search_w.value = ""
     assert d.raster.hits is None

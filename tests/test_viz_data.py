@@ -131,7 +131,8 @@ def test_url_state_only_chooses_among_the_runs_own_values():
 
 def test_run_data_on_a_real_run(text_run):  # noqa: F811
     from pipeline.store import open_run
-    from viz.views import mosaic, sequence_element
+    from viz.matrix_view import mosaic
+    from viz.sequence_view import sequence_element
 
     data = RunData(open_run(text_run))
     assert data.methods == ["pca"] and data.dims("pca") == [2, 3]
@@ -152,7 +153,7 @@ def test_run_data_on_a_real_run(text_run):  # noqa: F811
 
 def test_image_run_reads_its_own_images_only(image_run, tmp_path):  # noqa: F811
     from pipeline.store import open_run
-    from viz.views import image_heatmap
+    from viz.sequence_view import image_heatmap
 
     data = RunData(open_run(image_run))
     seq_id = int(data.sequences["seq_id"].iloc[0])

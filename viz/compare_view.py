@@ -25,6 +25,7 @@ import holoviews.plotting.bokeh  # noqa: F401  (registers the renderer)
 import numpy as np
 import pandas as pd
 import panel as pn
+import param
 
 from viz.data import SELECTED_COLOUR, pick_point, point_info, search_tokens, shared_run_data, token_vocabulary
 from viz.raster import HeadRaster, full_range
@@ -170,59 +171,57 @@ def shared_group_data(group) -> GroupData:
 # --- the view ---------------------------------------------------------------------------------
 
 
-class Side:
+class Side(param.Parameterized):
     """One of the two side-by-side plots: a member, its raster, search matches and linked marks."""
 
+    raster = param.ClassSelector(class_=HeadRaster, allow_None=True, doc="the member's head as drawn")
+    marked = param.Array(np.zeros(0, dtype=np.int64), doc="token rows marked by a selection (here or linked)")
+
     def __init__(self, view: "CompareView", label: str, member: str):
+        super().__init__()
         self.view, self.label = view, label
         self.member_w = pn.widgets.Select(label=f"{label} run", options=view.members, value=member, width=160)
-        self.state = hv.streams.Stream.define(f"{label}State", version=0)()  # a new head or member
-        self.mark_state = hv.streams.Stream.define(f"{label}Marks", marks=0)()  # a new selection
         self.range = hv.streams.RangeXY()
-        self.raster: HeadRaster | None = None
-        self.view_range = (None, None, SIDE_W, SIDE_H)
-        self.marked = np.zeros(0, dtype=np.int64)  # token rows marked by a selection (here or linked)
-        self.selected: int | None = None  # point clicked on this side
+        self.view_range, self._full_range = (None, None, SIDE_W, SIDE_H), True
         self.caption = pn.pane.HTML("", css_classes=[f"qk-compare-{label}-caption"], width=SIDE_W)
-        raster = hv.DynamicMap(self._element, streams=[self.state, self.range]).opts(hv.opts.RGB(
+        raster = hv.DynamicMap(self._element, streams=[self.range]).opts(hv.opts.RGB(
             width=SIDE_W, height=SIDE_H, xaxis=None, yaxis=None, framewise=True, shared_axes=False,
             active_tools=["wheel_zoom"]))
-        marks = hv.DynamicMap(self._marks, streams=[self.state, self.mark_state])
-        tap = hv.streams.Tap(source=raster)
-        tap.add_subscriber(self._on_tap)
-        self._tap = tap
-        self.plot = pn.pane.HoloViews(raster * marks, linked_axes=False, css_classes=[f"qk-compare-{label}"])
+        hv.streams.Tap(source=raster).add_subscriber(self._on_tap)
+        self.plot = pn.pane.HoloViews(raster * hv.DynamicMap(self._marks), linked_axes=False,
+                                      css_classes=[f"qk-compare-{label}"])
 
     @property
-    def name(self) -> str:
+    def member(self) -> str:
         return self.member_w.value
 
     def load(self, layer: int, head: int, query: str) -> None:
-        data = self.view.data.run_data(self.name)
-        found = self.view.data.layout(self.name, layer, head)
-        self.selected = None
+        data = self.view.data.run_data(self.member)
+        found = self.view.data.layout(self.member, layer, head)
+        self._full_range = True
         if found is None:
             self.raster = None
-            self.caption.object = (f"<i>{html.escape(self.name)} has no 2-D layout of layer {layer} head {head}</i>")
+            self.caption.object = (f"<i>{html.escape(self.member)} has no 2-D layout of layer {layer} head {head}</i>")
         else:
             coords, what = found
-            matches = self.view.data.search(self.name, query)
+            matches = self.view.data.search(self.member, query)
             highlight = np.concatenate([matches, matches + data.n]) if len(matches) else None
             self.raster = HeadRaster(coords, data.colouring(self.view.colour_w.value, layer, head), highlight)
             count = f' · <span class="qk-compare-count">{len(matches):,} matches</span>' if query.strip() else ""
-            self.caption.object = (f"<b>{html.escape(self.name)}</b> · {html.escape(data.run.model_id)} · {what} · "
+            self.caption.object = (f"<b>{html.escape(self.member)}</b> · {html.escape(data.run.model_id)} · {what} · "
                                    f"{2 * data.n:,} points{count}")
-        self.state.event(version=self.state.version + 1)
 
-    def _element(self, version=0, x_range=None, y_range=None, **_):
+    @param.depends("raster")
+    def _element(self, x_range=None, y_range=None, **_):
         if self.raster is None:
             return hv.RGB(np.full((2, 2, 4), 255, dtype=np.uint8))
-        if version != getattr(self, "_drawn_version", None):  # a new head or member: full range
-            self._drawn_version, x_range, y_range = version, None, None
+        if self._full_range:  # a new head or member
+            self._full_range, x_range, y_range = False, None, None
         self.view_range = (x_range, y_range, SIDE_W, SIDE_H)
         return self.raster.element(x_range, y_range, SIDE_W, SIDE_H)
 
-    def _marks(self, version=0, **_):
+    @param.depends("raster", "marked")
+    def _marks(self):
         if self.raster is None or not len(self.marked):
             return hv.Points([]).opts(color=SELECTED_COLOUR)
         n = len(self.raster.coords) // 2
@@ -268,9 +267,9 @@ class CompareView:
                                         loop_policy="loop", width=FRAME_W, show_value=False, visible_buttons=[
                                             "previous", "play", "pause", "next"], css_classes=["qk-compare-player"])
         self.player.param.watch(lambda event: setattr(self.frame_w, "value", event.new), "value")
-        self.frame_state = hv.streams.Stream.define("FrameState", version=0)()
         self.frame_caption = pn.pane.HTML("", css_classes=["qk-compare-frame-caption"], width=FRAME_W)
-        frame = hv.DynamicMap(self._frame_element, streams=[self.frame_state]).opts(hv.opts.RGB(
+        frame = hv.DynamicMap(pn.bind(lambda *_: self._frame_element(), self.layer_w, self.head_w, self.colour_w,
+                                      self.frame_w)).opts(hv.opts.RGB(
             width=FRAME_W, height=FRAME_H, xaxis=None, yaxis=None, framewise=True, shared_axes=False, toolbar=None))
         self.frame_plot = pn.pane.HoloViews(frame, linked_axes=False, css_classes=["qk-compare-frame"])
 
@@ -312,23 +311,21 @@ class CompareView:
     def select(self, side: Side, point: int) -> None:
         """A click on `side`: mark its token there and the linked tokens in the other run."""
         other = self.right if side is self.left else self.left
-        data = self.data.run_data(side.name)
+        data = self.data.run_data(side.member)
         row = point % data.n
-        links = self.data.links(side.name, other.name)
+        links = self.data.links(side.member, other.member)
         linked = links.loc[links["row_a"] == row, "row_b"].to_numpy(np.int64)
         side.marked, other.marked = np.array([row]), linked
         info = point_info(data.tokens, data.sequences, point)
-        other_tokens = self.data.run_data(other.name).tokens["token"].to_numpy()
+        other_tokens = self.data.run_data(other.member).tokens["token"].to_numpy()
         same = ", ".join(html.escape(str(token)) for token in other_tokens[linked]) or "<i>no token</i>"
         self.selection_pane.object = (
             f'<div><b>{html.escape(info["token"])}</b> ({info["kind"]}, {info["position"]}, sequence {info["seq_id"]}) '
-            f'in {html.escape(side.name)} ↔ <span class="qk-compare-linked">{same}</span> in '
-            f'{html.escape(other.name)}<br><span style="color:#555">{html.escape(info["snippet"])}</span></div>')
-        for each in (side, other):
-            each.mark_state.event(marks=each.mark_state.marks + 1)
+            f'in {html.escape(side.member)} ↔ <span class="qk-compare-linked">{same}</span> in '
+            f'{html.escape(other.member)}<br><span style="color:#555">{html.escape(info["snippet"])}</span></div>')
 
     # --- the head over the members -------------------------------------------------------
-    def _frame_element(self, version=0, **_):
+    def _frame_element(self):
         layer, head = self.layer_w.value, self.head_w.value
         name = self.members[self.frame_w.value]
         found = self.data.layout(name, layer, head)
@@ -354,7 +351,6 @@ class CompareView:
                               f"(chance {quality['chance']:.3f}, in layout radii)")
         self.frame_caption.object = (f'<b class="qk-compare-frame-member">{html.escape(name)}</b> · step {step} · '
                                      f"layer {layer} head {head} · {what}{detail}")
-        self.frame_state.event(version=self.frame_state.version + 1)
         self._show_trajectories()
 
     # --- trajectories ----------------------------------------------------------------------

@@ -13,13 +13,13 @@ import functools
 import io
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import re2
+from cachetools import LRUCache
 
 from pipeline.errors import QkatlasError
 from viz.palette import (KEY_COLOUR, KEY_RAMP, MOD5_COLOURS, QUERY_COLOUR, QUERY_RAMP, SEARCH_COLOUR,  # noqa: F401
@@ -405,27 +405,30 @@ def url_state(args: dict, choices: dict[str, list]) -> dict:
 # --- the per-process cache of a run ------------------------------------------------------
 
 
-class RunData:
-    """What every session of one server shares: the run, its token table, projections and
-    thumbnails (bounded LRU caches), head similarity. Thread-safe."""
+# entries kept per cache: a head's arrays or thumbnail; a search's hit pixels in every head; a whole mosaic
+CACHE_SIZES = {"coords": 6, "norms": 6, "colourings": 6, "tiers": 6, "regions": 6, "thumbnails": 4096,
+               "hit_pixels": 4, "mosaics": 8, "head_tables": 8}
 
-    def __init__(self, run, max_heads: int = 6):
+
+class RunData:
+    """What every session of one server shares: the run, its token table, projections, head tables,
+    and bounded LRU caches of whatever depends only on the run and a few choices (a head's
+    coordinates, colourings, thumbnails, matrix mosaics), head similarity. Thread-safe."""
+
+    def __init__(self, run):
         self.run = run
         self.tokens = token_table(run.tokens())
         self.sequences = run.sequences()
         self.n = len(self.tokens)
         self._lock = threading.RLock()
-        self._coords: OrderedDict = OrderedDict()
-        self._norms: OrderedDict = OrderedDict()
-        self._colourings: OrderedDict = OrderedDict()
-        self._tiers: OrderedDict = OrderedDict()
-        self._max_heads = max_heads
-        self.thumbnails: dict = {}
+        self._caches = {name: LRUCache(size) for name, size in CACHE_SIZES.items()}
         self._similarity = None
         self._images: dict = {}
-        records = run.projections()
+        self.projections = run.projections()
+        self.head_measurements = run.head_measurements()
+        self.head_top_sequences = run.head_top_sequences()
         self.available: dict[tuple[str, int], set[tuple[int, int]]] = {}
-        for row in records.itertuples():
+        for row in self.projections.itertuples():
             self.available.setdefault((row.method, int(row.dim)), set()).add((int(row.layer), int(row.head)))
 
     @property
@@ -444,37 +447,37 @@ class RunData:
     def has(self, method: str, dim: int, layer: int, head: int) -> bool:
         return (layer, head) in self.available.get((method, dim), set())
 
-    def _cached(self, cache: OrderedDict, key, make):
+    def cached(self, name: str, key, make):
+        """`make()`, kept in the `name` cache under `key` (made outside the lock: two sessions
+        asking at once may both make it; either result is kept)."""
+        cache = self._caches[name]
         with self._lock:
             if key in cache:
-                cache.move_to_end(key)
                 return cache[key]
         value = make()
         with self._lock:
             cache[key] = value
-            while len(cache) > self._max_heads:
-                cache.popitem(last=False)
         return value
 
     def coords(self, method: str, dim: int, layer: int, head: int) -> np.ndarray:
-        return self._cached(self._coords, (method, dim, layer, head),
-                            lambda: self.run.projection(method, layer, head, dim=dim))
+        return self.cached("coords", (method, dim, layer, head),
+                           lambda: self.run.projection(method, layer, head, dim=dim))
 
     def norms(self, layer: int, head: int) -> np.ndarray:
         def make():
             q = np.linalg.norm(self.run.queries(layer, head), axis=1)
             k = np.linalg.norm(self.run.keys(layer, head), axis=1)
             return np.concatenate([q, k]).astype(np.float32)
-        return self._cached(self._norms, (layer, head), make)
+        return self.cached("norms", (layer, head), make)
 
     def colouring(self, mode: str, layer: int, head: int) -> Colouring:
         head_specific = mode == "norm"
         key = (mode, layer, head) if head_specific else (mode,)
-        return self._cached(self._colourings, key, lambda: colouring(
+        return self.cached("colourings", key, lambda: colouring(
             mode, self.tokens, self.norms(layer, head) if head_specific else None))
 
     def norm_tiers(self, layer: int, head: int) -> np.ndarray:
-        return self._cached(self._tiers, (layer, head), lambda: norm_tiers(self.norms(layer, head)))
+        return self.cached("tiers", (layer, head), lambda: norm_tiers(self.norms(layer, head)))
 
     def attention(self, seq_id: int, layer: int, head: int) -> np.ndarray:
         return self.run.attention(seq_id, layer, head)

@@ -4,7 +4,7 @@ and the head view's numbers with their ranks and its top sequences.
 
 The measurements are `run.head_measurements()` (see `pipeline.heads`) with the projection
 quality of the current method and dimension joined in. Data shaping is in plain functions;
-`HeadAtlas` holds the widgets and is wired into `viz.views.Dashboard`."""
+`HeadAtlas` holds the widgets over the session's state (`viz.state.DashboardState`)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from bokeh.models import FixedTicker
 from bokeh.palettes import Viridis256
 
 from viz.data import SELECTED_COLOUR
+from viz.state import DashboardState
 
 # column -> what it measures, in one line (the Heads tab's legend and the head view)
 MEASURES = {
@@ -222,22 +223,18 @@ class HeadAtlas(param.Parameterized):
     y = param.Selector(objects=[None])
     colour = param.Selector(objects=["layer"])
     table = param.DataFrame(None, doc="one row per measured head (`head_table`)")
-    current = param.Tuple((None, None), doc="the (layer, head) open in the head view")
+    state = param.ClassSelector(class_=DashboardState, constant=True)
     matrix_measure = param.Selector(objects=["none"], doc="colours each head's border; see the Heads tab")
     matrix_filter = param.Selector(objects=FILTERS, doc="veils the heads that fail the condition")
     matrix_threshold = param.Number(0.5)
     matrix_sort = param.Boolean(False)
 
-    def __init__(self, dashboard):
-        super().__init__()
-        self.dashboard = dashboard
-        run = dashboard.data.run
-        self.run_url = run.dir.url
-        self.measurements = run.head_measurements()
-        self.top = run.head_top_sequences()
-        self.projections = run.projections()
-        self.order = matrix_order(None, list(run.layers), run.n_heads, None, False)
-        self._tap = None
+    def __init__(self, state: DashboardState):
+        super().__init__(state=state)
+        data = state.data
+        self.run_url = data.run.dir.url
+        self.measurements, self.top = data.head_measurements, data.head_top_sequences
+        self.order = matrix_order(None, list(data.run.layers), data.run.n_heads, None, False)
         if self.measurements is not None and len(self.measurements):
             self._update_table()
             columns = measure_columns(self.table)
@@ -246,11 +243,11 @@ class HeadAtlas(param.Parameterized):
             self.x = next((c for c in ("prev_weight", "entropy_norm") if c in columns), columns[0])
             self.y = next((c for c in ("sink_weight", "confidence") if c in columns), columns[-1])
             self.param.matrix_measure.objects = ["none"] + columns
-        dashboard.method_w.param.watch(lambda _: self._update_table(), "value")
-        dashboard.dim_w.param.watch(lambda _: self._update_table(), "value")
+        state.param.watch(lambda *_: self._update_table(), ["method", "dim"])
         self.param.watch(self._on_matrix_change, ["matrix_measure", "matrix_filter", "matrix_threshold",
                                                   "matrix_sort", "table"])
-        self.numbers_pane = pn.pane.HTML("", css_classes=["qk-head-numbers"], width=300)
+        missing = "" if self.measured else f'<div style="font-size:11px">{self._missing()}</div>'
+        self.numbers_pane = pn.pane.HTML(missing, css_classes=["qk-head-numbers"], width=300)
         self.top_pane = pn.Column(css_classes=["qk-top-sequences"], width=300)
         self.matrix_legend = pn.pane.HTML("", css_classes=["qk-matrix-legend"])
 
@@ -258,22 +255,27 @@ class HeadAtlas(param.Parameterized):
     def measured(self) -> bool:
         return self.table is not None
 
+    @property
+    def current(self) -> tuple[int, int]:
+        """The (layer, head) open in the head view."""
+        return self.state.layer, self.state.head
+
     def _missing(self) -> str:
         return (f"No head measurements in this run yet; run <code>qkatlas heads "
                 f"{html.escape(self.run_url)}</code>")
 
     def _update_table(self):
         if self.measurements is not None and len(self.measurements):
-            self.table = head_table(self.measurements, self.projections, self.dashboard.method_w.value,
-                                    self.dashboard.dim_w.value)
+            data, method, dim = self.state.data, self.state.method, self.state.dim
+            self.table = data.cached("head_tables", (method, dim),
+                                     lambda: head_table(self.measurements, data.projections, method, dim))
 
     # Heads tab ---------------------------------------------------------------------------
     def heads_tab(self):
         if not self.measured:
             return pn.Column(pn.pane.HTML(f'<div class="qk-heads-missing">{self._missing()}</div>'))
         scatter = hv.DynamicMap(self._scatter)
-        self._tap = hv.streams.Tap(source=scatter)
-        self._tap.add_subscriber(self._on_scatter_tap)
+        hv.streams.Tap(source=scatter).add_subscriber(self._on_scatter_tap)
         plot = pn.pane.HoloViews(scatter * hv.DynamicMap(self._current_mark), css_classes=["qk-heads-scatter"])
         controls = pn.Row(pn.widgets.Select.from_param(self.param.x, label="X axis", width=190),
                           pn.widgets.Select.from_param(self.param.y, label="Y axis", width=190),
@@ -303,7 +305,7 @@ class HeadAtlas(param.Parameterized):
             nonselection_alpha=0.9, selection_alpha=0.9, width=SCATTER_W, height=SCATTER_H, title=title,
             framewise=True, shared_axes=False, show_grid=True, default_tools=["pan", "wheel_zoom", "reset"])
 
-    @param.depends("x", "y", "current", "table")
+    @param.depends("x", "y", "state.layer", "state.head", "table")
     def _current_mark(self):
         layer, head = self.current
         mine = self.table[(self.table["layer"] == layer) & (self.table["head"] == head)]
@@ -316,7 +318,7 @@ class HeadAtlas(param.Parameterized):
             return
         found = nearest_head(self.table, self.x, self.y, x, y)
         if found is not None:
-            self.dashboard.open_head(*found)
+            self.state.open_head(*found)
 
     # matrix -------------------------------------------------------------------------------
     def matrix_controls(self):
@@ -336,11 +338,9 @@ class HeadAtlas(param.Parameterized):
         return None if self.matrix_measure == "none" or not self.measured else self.matrix_measure
 
     def _on_matrix_change(self, *_):
-        run = self.dashboard.data.run
+        run = self.state.data.run
         self.order = matrix_order(self.table, list(run.layers), run.n_heads, self._column, self.matrix_sort)
         self.matrix_legend.object = self._legend()
-        state = self.dashboard.matrix_state
-        state.event(version=state.version + 1)
 
     def _legend(self) -> str:
         column = self._column
@@ -359,7 +359,7 @@ class HeadAtlas(param.Parameterized):
 
     def arrange(self, image: np.ndarray, cell: int) -> np.ndarray:
         """The matrix mosaic in the current cell order."""
-        return arrange_mosaic(image, self.order, cell)
+        return arrange_mosaic(image, self.order, cell) if self.matrix_sort and self._column else image
 
     def column_ticks(self, n_heads: int) -> list[tuple[float, str]]:
         if self.matrix_sort and self._column is not None:
@@ -372,14 +372,14 @@ class HeadAtlas(param.Parameterized):
     def column_of(self, row: int, head: int) -> int:
         return int(np.flatnonzero(self.order[row] == head)[0])
 
-    def matrix_marks(self, version=0, **_):
+    def matrix_marks(self):
         """Overlay on the matrix: each cell's border coloured by the measurement, a veil over
         the heads the filter leaves out, and each head's value (with its name when sorted)."""
         column = self._column
         kdims, empty = ["head", "layer", "head1", "layer1"], []
         if column is None:
             return hv.Overlay([hv.Rectangles(empty, kdims), hv.Rectangles(empty, kdims), hv.Labels([])])
-        run = self.dashboard.data.run
+        run = self.state.data.run
         keep = passes(self.table, column, self.matrix_filter, self.matrix_threshold)
         cells = matrix_cells(self.table, list(run.layers), self.order, column, keep)
         x0, y0 = cells["x0"].to_numpy(dtype=float), cells["y0"].to_numpy(dtype=float)
@@ -397,21 +397,21 @@ class HeadAtlas(param.Parameterized):
 
     # head view ----------------------------------------------------------------------------
     def head_panel(self):
+        """The head view's numbers and top sequences, following the open head from now on."""
+        self.state.param.watch(lambda *_: self.show_head(), ["layer", "head"])
+        self.show_head()
         return pn.Column(self.numbers_pane, pn.pane.HTML("<b>Top sequences</b> (where this head is most itself)"),
                          self.top_pane, width=310)
 
-    def show_head(self, layer: int, head: int):
-        """The head view's numbers and top sequences for (layer, head)."""
-        self.current = (layer, head)
+    def show_head(self):
         if not self.measured:
-            self.numbers_pane.object = f'<div style="font-size:11px">{self._missing()}</div>'
-            self.top_pane.objects = []
             return
+        layer, head = self.current
         numbers = head_numbers(self.table, layer, head)
         mine = self.table[(self.table["layer"] == layer) & (self.table["head"] == head)]
         n_queries = int(mine["n_queries"].iloc[0]) if "n_queries" in mine and len(mine) else None
         self.numbers_pane.object = numbers_html(numbers, n_queries)
-        sequences = self.dashboard.data.sequences.set_index("seq_id")
+        sequences = self.state.data.sequences.set_index("seq_id")
         buttons = []
         for row in head_top_sequences(self.top, layer, head).itertuples():
             seq_id = int(row.seq_id)
@@ -424,5 +424,4 @@ class HeadAtlas(param.Parameterized):
 
     def open_sequence(self, seq_id: int):
         layer, head = self.current
-        attention = self.dashboard.data.attention(seq_id, layer, head)
-        self.dashboard.open_sequence(seq_id, telling_query(attention))
+        self.state.open_sequence(seq_id, telling_query(self.state.data.attention(seq_id, layer, head)))

@@ -7,8 +7,6 @@ estimated text box would overlap one already placed is dropped."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import pandas as pd
 
@@ -32,8 +30,7 @@ def region_frame(data, method: str, dim: int, layer: int, head: int) -> pd.DataF
         tokens = data.tokens["token"]
         return head_regions(data.coords(method, dim, layer, head)[:, :2], pd.concat([tokens, tokens],
                                                                                      ignore_index=True))
-    cache = data.__dict__.setdefault("region_cache", OrderedDict())
-    return data._cached(cache, (method, dim, layer, head), make)
+    return data.cached("regions", (method, dim, layer, head), make)
 
 
 def pick_scale(regions: pd.DataFrame, x_range, y_range, max_labels: int = MAX_LABELS) -> int | None:

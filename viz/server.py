@@ -215,6 +215,7 @@ def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str 
     run). `basic_auth`: a password for `auth_user`, or a JSON file of user -> password (see
     `load_credentials`)."""
     import panel as pn
+    from bokeh.settings import settings
 
     from viz.data import shared_run_data
     from viz.views import app
@@ -234,15 +235,19 @@ def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str 
         raise _bind_error(error, address, port) from None
     if pn.config.nthreads is None:  # read when events arrive, so set once the server exists
         pn.config.nthreads = SERVER_THREADS
+    settings.perform_document_validation.set_value(False)  # developer checks of every model, on every page load
     if warm:
         threading.Thread(target=warm_up, args=(shared_run_data(run),), daemon=True, name="qkatlas-warm").start()
     return server
 
 
 def warm_up(data) -> None:
-    """Build the search index and the matrix view's head similarity before the first session
-    asks; a failure is left to the view that needs them to report."""
+    """Build what sessions share before the first one asks: the matrix every session opens on,
+    the search index and the head similarity; a failure is left to the view that needs them."""
+    from viz.matrix_view import shared_mosaic
+
     try:
+        shared_mosaic(data, data.methods[0], data.dims(data.methods[0])[0], "query / key", "", None)
         _ = data.vocabulary
         data.head_similarity()
     except Exception as error:  # noqa: BLE001  (reported once here, and again by the view)

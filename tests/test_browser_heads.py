@@ -126,6 +126,9 @@ def test_heads_tab_draws_every_head_redraws_and_opens_the_clicked_one(browser, s
     assert f"Layer {layer}, head {head}" in text_of(title)
     numbers = text_of(page.locator(".qk-head-numbers").first)
     assert re.search(rf"confidence\s+{mine.loc[(layer, head), 'confidence']:.3g}\s+rank 1 of {len(table)}", numbers)
+    aggregate = page.locator(".qk-aggregate").first  # attention by offset over the corpus (the aggregate view)
+    aggregate.wait_for(state="visible", timeout=20_000)
+    assert aggregate.locator("canvas").count() > 0
 
     top = run.head_top_sequences()
     best = int(top[(top["layer"] == layer) & (top["head"] == head)].sort_values("rank")["seq_id"].iloc[0])

@@ -50,8 +50,8 @@ def aggregate_element(row: dict | None, width: int = 360, height: int = 200):
         return hv.Image(np.flipud(patches), bounds=(-reach - 0.5, -reach - 0.5, reach + 0.5, reach + 0.5),
                         kdims=["column offset", "row offset"], vdims=["weight"]).opts(
             cmap="viridis", colorbar=True, width=width, height=height, tools=["hover"],
-            title="attention by patch offset (all images)")
+            title="attention by patch offset, all images")
     profile = offset_profile(row["offset_weights"])
     return hv.Bars(profile, kdims=["offset"], vdims=["weight"]).opts(
         color=KEY_COLOUR, width=width, height=height, tools=["hover"], xrotation=90,
-        title="attention by offset (key - query, whole corpus)", ylim=(0, None))
+        title="attention by offset, whole corpus", ylim=(0, None), xlabel="key position - query position")

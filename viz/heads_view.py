@@ -18,6 +18,7 @@ import param
 from bokeh.models import FixedTicker
 from bokeh.palettes import Viridis256
 
+from viz.aggregate_view import aggregate_element
 from viz.data import SELECTED_COLOUR
 from viz.state import DashboardState
 
@@ -249,6 +250,7 @@ class HeadAtlas(param.Parameterized):
         missing = "" if self.measured else f'<div style="font-size:11px">{self._missing()}</div>'
         self.numbers_pane = pn.pane.HTML(missing, css_classes=["qk-head-numbers"], width=300)
         self.top_pane = pn.Column(css_classes=["qk-top-sequences"], width=300)
+        self.aggregate_pane = pn.pane.HoloViews(None, css_classes=["qk-aggregate"], width=310)
         self.matrix_legend = pn.pane.HTML("", css_classes=["qk-matrix-legend"])
 
     @property
@@ -401,7 +403,7 @@ class HeadAtlas(param.Parameterized):
         self.state.param.watch(lambda *_: self.show_head(), ["layer", "head"])
         self.show_head()
         return pn.Column(self.numbers_pane, pn.pane.HTML("<b>Top sequences</b> (where this head is most itself)"),
-                         self.top_pane, width=310)
+                         self.top_pane, self.aggregate_pane, width=310)
 
     def show_head(self):
         if not self.measured:
@@ -411,6 +413,7 @@ class HeadAtlas(param.Parameterized):
         mine = self.table[(self.table["layer"] == layer) & (self.table["head"] == head)]
         n_queries = int(mine["n_queries"].iloc[0]) if "n_queries" in mine and len(mine) else None
         self.numbers_pane.object = numbers_html(numbers, n_queries)
+        self.aggregate_pane.object = aggregate_element(mine.iloc[0].to_dict() if len(mine) else None, width=300)
         sequences = self.state.data.sequences.set_index("seq_id")
         buttons = []
         for row in head_top_sequences(self.top, layer, head).itertuples():

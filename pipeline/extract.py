@@ -6,6 +6,7 @@ process extracts the whole corpus as part 0, and `workflows/` shards rows over w
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import string
@@ -46,6 +47,7 @@ class Batch:
     token_ids: list[list[int]]
 
 
+@functools.lru_cache(maxsize=1 << 16)  # called per token; a vocabulary repeats its tokens
 def is_punctuation(token: str) -> bool:
     stripped = token
     for mark in WORD_PIECE_MARKS:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import io
+import os
 import posixpath
 import sys
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,7 +23,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec
+from zarr.core.metadata import ArrayV3Metadata
 
 from pipeline.store.layout import RunDir, head_name, layout_name, new_token, part_name
 from pipeline.store.manifest import Manifest, StoreError, is_run, load_manifest, save_manifest
@@ -155,11 +157,15 @@ class VectorSpec:
 
 
 class PartWriter:
-    """Streams one part under a fresh token: Q/K go into two preallocated chunk buffers; a full
-    buffer is written by a background thread while the other fills.
+    """Streams one part under a fresh token: Q/K go into two preallocated chunk buffers, which a
+    background thread writes while the forward fills them.
 
-    Memory is two chunks' worth of tokens whatever the corpus size, every chunk is written
-    exactly once, and the CRC of each (layer, head, chunk) is taken from the buffer on the way."""
+    Each batch's tokens are added to the running CRC of each (layer, head, chunk) and, on a local
+    disk with uncompressed chunks, written into their chunk files (`_write_rows`) by that thread
+    while the next batch's forward runs, so that little is left to do after the last forward;
+    otherwise zarr writes each chunk once it is full. Memory is two chunks' worth of tokens
+    whatever the corpus size. A failure on the writer thread is raised by the next `append` or
+    by `close`, before anything is committed."""
 
     def __init__(self, run: RunDir, index: int, spec: VectorSpec):
         self.run, self.name, self.spec, self.token = run, part_name(index), spec, new_token()
@@ -169,12 +175,17 @@ class PartWriter:
             name: zarr.create_array(
                 run.url_of(*vectors, name), shape=(spec.n_layers, heads[name], 0, spec.d_head), dtype=spec.dtype,
                 chunks=(1, 1, spec.chunk_tokens, spec.d_head), compressors=COMPRESSORS[spec.compression](),
-                dimension_names=("layer", "head_index" if name == "q" else "kv_head_index", "token", "d_head"))
+                dimension_names=("layer", "head_index" if name == "q" else "kv_head_index", "token", "d_head"),
+                config={"write_empty_chunks": True})  # every chunk has a file, as `_write_rows` writes them
             for name in ("q", "k")
         }
+        self._rows_to_files = run.is_local and hasattr(os, "pwrite") and all(
+            stores_plain_chunks(array) for array in self.arrays.values())
         # "q" | "k" -> [layer][head] -> the CRC of each chunk
         self.crcs: dict[str, list[list[list[int]]]] = {
             name: [[[] for _ in range(heads[name])] for _ in range(spec.n_layers)] for name in heads}
+        # "q" | "k" -> [layer][head] -> the CRC of the current chunk's tokens so far (writer thread)
+        self._running_crcs = {name: [[0] * heads[name] for _ in range(spec.n_layers)] for name in heads}
         self._buffers = [{name: np.empty((spec.n_layers, heads[name], spec.chunk_tokens, spec.d_head), spec.dtype)
                           for name in ("q", "k")} for _ in range(2)]
         self._current, self._fill = 0, 0
@@ -190,7 +201,8 @@ class PartWriter:
         self._written = 0  # tokens whose vectors were handed to the writer thread
         self.n_sequences = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkatlas-writer")
-        self._inflight: Future | None = None
+        self._tasks: deque[Future] = deque()  # queued on the writer thread, oldest first
+        self._inflight: Future | None = None  # the last chunk's write
 
     def reserve(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Views of the current buffer for the next `n` tokens, to be filled in place and then
@@ -214,9 +226,7 @@ class PartWriter:
         self.n_tokens += n
         self.n_sequences += len(sequences["seq_id"])
         if reserved:
-            self._fill += n
-            if self._fill == self.spec.chunk_tokens:
-                self._submit()
+            self._filled(n)
             return
         offset = 0
         while offset < n:
@@ -224,47 +234,101 @@ class PartWriter:
             buffer = self._buffers[self._current]
             buffer["q"][:, :, self._fill:self._fill + take] = queries[:, :, offset:offset + take]
             buffer["k"][:, :, self._fill:self._fill + take] = keys[:, :, offset:offset + take]
-            self._fill += take
             offset += take
-            if self._fill == self.spec.chunk_tokens:
-                self._submit()
+            self._filled(take)
+
+    def _filled(self, n: int) -> None:
+        """The current buffer's next `n` tokens hold their vectors: queue their CRCs, and the
+        chunk's write once the buffer is full."""
+        start, self._fill = self._fill, self._fill + n
+        self._queue(self._take, self._buffers[self._current], self._written // self.spec.chunk_tokens, start,
+                    self._fill)
+        if self._fill == self.spec.chunk_tokens:
+            self._submit()
+
+    def _queue(self, task, *args) -> Future:
+        """Run `task` on the writer thread after the tasks queued before it; the first failure
+        among those already done is raised here."""
+        while self._tasks and self._tasks[0].done():
+            self._tasks.popleft().result()
+        future = self._pool.submit(task, *args)
+        self._tasks.append(future)
+        return future
 
     def _submit(self) -> None:
-        """Hand the current buffer to the writer thread and switch to the other one."""
-        self._wait()  # the other buffer's write must be done before it is refilled
+        """Queue the current buffer's write and switch to the other buffer, once its own write
+        (queued before) is done."""
         buffer, n = self._buffers[self._current], self._fill
         tokens = pa.concat_tables(self._pending_tokens) if self._pending_tokens else None
         sequences = pa.concat_tables(self._pending_sequences) if self._pending_sequences else None
         self._pending_tokens, self._pending_sequences = [], []
-        self._inflight = self._pool.submit(self._write, self._written, buffer, n, tokens, sequences)
-        trim_heap()
+        previous, self._inflight = self._inflight, self._queue(self._write, self._written, buffer, n, tokens, sequences)
+        if previous is not None:
+            previous.result()
         self._written += n
         self._current, self._fill = 1 - self._current, 0
+
+    def _take(self, buffer: dict, chunk: int, start: int, stop: int) -> None:
+        """Add tokens [start, stop) of `buffer` (chunk `chunk`) to the running CRC of each
+        (layer, head), and write them into its chunk file where `_write_rows` applies."""
+        for name, running in self._running_crcs.items():
+            for layer, heads in enumerate(running):
+                for head, value in enumerate(heads):
+                    rows = buffer[name][layer, head, start:stop]
+                    heads[head] = zlib.crc32(rows, value)
+                    if self._rows_to_files:
+                        self._write_rows(self._chunk_path(name, layer, head, chunk), start * rows.strides[0], rows)
+
+    def _chunk_path(self, name: str, layer: int, head: int, chunk: int) -> str:
+        key = self.arrays[name].metadata.encode_chunk_key((layer, head, chunk, 0))
+        return self.run.path(*self.run.part_vectors(self.name, self.token), name, key)
+
+    @staticmethod
+    def _write_rows(path: str, offset: int, rows: np.ndarray) -> None:
+        """Put `rows` at byte `offset` of a chunk file that holds the chunk's values as they are
+        (`stores_plain_chunks`): the file zarr would write, built batch by batch instead of at
+        the chunk's end, and without zarr's per-chunk asyncio round trips."""
+        if offset == 0:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+        data = rows.data.cast("B")
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            while data:
+                written = os.pwrite(handle, data, offset)
+                data, offset = data[written:], offset + written
+        finally:
+            os.close(handle)
 
     def _write(self, start: int, buffer: dict, n: int, tokens: pa.Table | None, sequences: pa.Table | None) -> None:
         stop = start + n
         for name, array in self.arrays.items():
             array.resize(array.shape[:2] + (stop, self.spec.d_head))
-            array[:, :, start:stop, :] = buffer[name][:, :, :n]
+            if not self._rows_to_files:
+                array[:, :, start:stop, :] = buffer[name][:, :, :n]
+            elif n < self.spec.chunk_tokens:  # an edge chunk's file holds the whole chunk, zero-padded (the fill value)
+                chunk_bytes = buffer[name][0, 0].nbytes
+                for layer, head in np.ndindex(*buffer[name].shape[:2]):
+                    os.truncate(self._chunk_path(name, layer, head, start // self.spec.chunk_tokens), chunk_bytes)
             for layer, heads in enumerate(self.crcs[name]):
                 for head, chunks in enumerate(heads):
-                    chunks.append(crc(buffer[name][layer, head, :n]))
+                    chunks.append(self._running_crcs[name][layer][head])
+                    self._running_crcs[name][layer][head] = 0
         if tokens is not None:
             self._tokens.write_table(tokens)
         if sequences is not None:
             self._sequences.write_table(sequences)
+        trim_heap()
 
-    def _wait(self) -> None:
-        if self._inflight is not None:
-            self._inflight.result()
-            self._inflight = None
+    def _drain(self) -> None:
+        while self._tasks:
+            self._tasks.popleft().result()
 
     def close(self) -> dict:
         """Write what is buffered, close the files; returns the marker's proof of the data
         (the caller adds its own fields and commits with `commit_part`)."""
         if self._fill or self._pending_tokens:
             self._submit()
-        self._wait()
+        self._drain()
         self._pool.shutdown()
         self._tokens.close()
         self._sequences.close()
@@ -286,6 +350,18 @@ class PartWriter:
             except Exception:  # closing a half-written file after a failure
                 pass
         remove_part_version(self.run, self.name, self.token)
+
+
+def stores_plain_chunks(array: zarr.Array) -> bool:
+    """Whether each chunk file of `array` holds just the chunk's values in this machine's byte
+    order, an edge chunk padded with zero bytes (no compressor, a zero fill value)."""
+    metadata = array.metadata
+    if not isinstance(metadata, ArrayV3Metadata) or len(metadata.codecs) != 1:
+        return False
+    codec = metadata.codecs[0]
+    return (isinstance(codec, BytesCodec) and codec.endian is not None and codec.endian.value == sys.byteorder
+            and not metadata.storage_transformers
+            and not np.asarray(metadata.fill_value, dtype=array.dtype).tobytes().strip(b"\0"))
 
 
 def remove_part_version(run: RunDir, name: str, token: str) -> None:

@@ -17,6 +17,7 @@ MIN_WEIGHT = 0.05
 TOP_SELECTED = 5  # links of the clicked point itself
 RENDERER_NAME = "qk-attention-lines"
 SELECTED_RENDERER_NAME = "qk-selected-lines"
+VEIL_RENDERER_NAME = "qk-veil"
 LINE_COLUMNS = ["query_pos", "key_pos", "weight"]
 
 
@@ -99,3 +100,23 @@ def marks_element(coords: np.ndarray, n_tokens: int, sentence: np.ndarray | None
     text = hv.Labels(labels, ["x", "y"], "text").opts(text_font_size="11pt", text_baseline="bottom",
                                                       text_color="black")
     return hv.Overlay([faint, strong, pts, text])
+
+
+def hover_element(coords: np.ndarray, hover: tuple | None):
+    """The hovered point (`hover`: (point, token)) as a black dot with its token: its own layer,
+    so a hover redraws two glyphs, not the sentence's lines."""
+    import holoviews as hv
+
+    points = [] if hover is None else [(coords[hover[0], 0], coords[hover[0], 1])]
+    labels = [] if hover is None else [(coords[hover[0], 0], coords[hover[0], 1], hover[1])]
+    return hv.Points(points).opts(color="black", size=8, line_color="white") * hv.Labels(
+        labels, ["x", "y"], "text").opts(text_font_size="11pt", text_baseline="bottom", text_color="black")
+
+
+def veil_element(bounds: tuple[float, float, float, float] | None, alpha: float = 0.65):
+    """A translucent white box over the raster (`bounds`: x0, y0, x1, y1), under the clicked
+    sentence: the rest of the points fade without the raster being drawn again."""
+    import holoviews as hv
+
+    return hv.Rectangles([bounds] if bounds is not None else []).opts(
+        color="white", alpha=alpha, line_alpha=0, hooks=[_named(VEIL_RENDERER_NAME)])

@@ -191,16 +191,39 @@ class SearchError(QkatlasError, ValueError):
 
 @dataclass(frozen=True)
 class TokenVocabulary:
-    """The distinct search forms of a run's tokens (lower case, sub-word marker removed) and,
-    per token, the index of its form: a search tests each form once, not every token."""
+    """The token index of a run, built once per run per server: the distinct search forms of its
+    tokens (lower case, sub-word marker removed), sorted, and the token rows of each form as one
+    CSR (`rows[starts[f]:starts[f + 1]]`, ascending). An exact or prefix search is a binary search
+    over the forms and a slice of rows; a regex tests each form once, not every token."""
 
-    forms: np.ndarray  # object [n_forms]
+    forms: np.ndarray  # object [n_forms], sorted
     form_of_token: np.ndarray  # int64 [n_tokens]
+    starts: np.ndarray  # int64 [n_forms + 1]
+    rows: np.ndarray  # int64 [n_tokens]: token rows grouped by form, forms in sorted order
+
+    def rows_of(self, first: int, stop: int) -> np.ndarray:
+        """Token rows (ascending) of forms `first` .. `stop - 1`: one contiguous slice."""
+        found = self.rows[self.starts[first]:self.starts[stop]]
+        return found if stop - first <= 1 else np.sort(found)
+
+    def exact(self, form: str) -> np.ndarray:
+        at = int(np.searchsorted(self.forms, form))
+        return self.rows_of(at, at + 1) if at < len(self.forms) and self.forms[at] == form \
+            else np.zeros(0, dtype=np.int64)
+
+    def prefix(self, prefix: str) -> np.ndarray:
+        first = int(np.searchsorted(self.forms, prefix, side="left"))
+        stop = int(np.searchsorted(self.forms, prefix + "\U0010ffff", side="left"))
+        return self.rows_of(first, stop)
 
 
 def token_vocabulary(tokens: pd.DataFrame) -> TokenVocabulary:
-    form_of_token, forms = pd.factorize(clean_tokens(tokens["token"]).str.lower())
-    return TokenVocabulary(np.asarray(forms, dtype=object), form_of_token.astype(np.int64))
+    form_of_token, forms = pd.factorize(clean_tokens(tokens["token"]).str.lower(), sort=True)
+    form_of_token = form_of_token.astype(np.int64)
+    counts = np.bincount(form_of_token, minlength=len(forms))
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return TokenVocabulary(np.asarray(forms, dtype=object), form_of_token, starts,
+                           np.argsort(form_of_token, kind="stable").astype(np.int64))
 
 
 def compile_pattern(pattern: str):
@@ -240,18 +263,20 @@ def _pattern_hits(forms: np.ndarray, pattern: str, time_limit: float) -> np.ndar
 def search_tokens(tokens: pd.DataFrame, query: str, vocabulary: TokenVocabulary | None = None,
                   time_limit: float = SEARCH_SECONDS) -> np.ndarray:
     """Token indices (store order) whose token matches `query`: case-insensitive, ignoring
-    sub-word markers (`##`, `Ġ`, `▁`); `"re:..."` is an RE2 regular expression that must match
-    the whole token. Empty: none. `vocabulary` (`token_vocabulary(tokens)`) saves rebuilding it.
-    Raises SearchError for a pattern that cannot run."""
+    sub-word markers (`##`, `Ġ`, `▁`); `"un*"` is every token that starts with "un"; `"re:..."` is
+    an RE2 regular expression that must match the whole token. Empty: none. `vocabulary`
+    (`token_vocabulary(tokens)`, the run's token index) saves rebuilding it. Raises SearchError
+    for a pattern that cannot run."""
     query = (query or "").strip()
     if not query:
         return np.zeros(0, dtype=np.int64)
     vocabulary = vocabulary if vocabulary is not None else token_vocabulary(tokens)
     if query.startswith("re:"):
-        hits = _pattern_hits(vocabulary.forms, query[3:], time_limit)
-    else:
-        hits = vocabulary.forms == query.lower().lstrip("#")
-    return np.flatnonzero(hits[vocabulary.form_of_token])
+        return np.flatnonzero(_pattern_hits(vocabulary.forms, query[3:], time_limit)[vocabulary.form_of_token])
+    word = query.lower().lstrip("#")
+    if word.endswith("*") and len(word) > 1:
+        return vocabulary.prefix(word.rstrip("*"))
+    return vocabulary.exact(word)
 
 
 # --- points, hover, selection ------------------------------------------------------------
@@ -405,9 +430,11 @@ def url_state(args: dict, choices: dict[str, list]) -> dict:
 # --- the per-process cache of a run ------------------------------------------------------
 
 
-# entries kept per cache: a head's arrays or thumbnail; a search's hit pixels in every head; a whole mosaic
+# entries kept per cache: a head's arrays or thumbnail; a search's hit pixels in every head; a whole mosaic;
+# the open heads' datashader frames (`viz.head_view.shared_points`), one copy per server for every session
 CACHE_SIZES = {"coords": 6, "norms": 6, "colourings": 6, "tiers": 6, "regions": 6, "thumbnails": 4096,
-               "hit_pixels": 4, "mosaics": 8, "head_tables": 8}
+               "hit_pixels": 4, "mosaics": 8, "head_tables": 8,
+               "head_points": 4, "frames": 6, "index_frames": 2, "tier_frames": 2}
 
 
 class RunData:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from viz.data import SEARCH_COLOUR, Colouring
-from viz.raster import HeadRaster, full_range
+from viz.raster import HeadPoints, HeadRaster, full_range
 
 TIER_PX = (1, 2, 3)  # spread radius in pixels of the small, medium and large dots
 HIT_PX = 3  # spread radius of a search hit
@@ -45,20 +45,25 @@ def _subset_frame(coords: np.ndarray, colouring: Colouring, points: np.ndarray) 
     return pd.DataFrame({"x": coords[points, 0], "y": coords[points, 1], "c": categories})
 
 
+def tier_frames(coords: np.ndarray, colouring: Colouring, tiers: np.ndarray) -> list[tuple[int, pd.DataFrame]]:
+    """(spread radius, frame of the tier's points) per norm tier; shared by sessions like the point frame."""
+    return [(TIER_PX[min(t, len(TIER_PX) - 1)], _subset_frame(coords, colouring, np.flatnonzero(tiers == t)))
+            for t in np.unique(tiers)]
+
+
 class StyledRaster(HeadRaster):
-    """A head's points, sized by norm tier (`tiers`, uint8 [2 * n_tokens], or None for one size),
-    with `hits` (point indices) enlarged and outlined in their own colour over a faded rest; `fade`
-    fades the rest without hits (a selected sentence is drawn on top by the view)."""
+    """A head's points, sized by norm tier (`tiers`, uint8 [2 * n_tokens], or None for one size;
+    or the tiers' frames, `tier_frames`, shared), with `hits` (point indices) enlarged and outlined
+    in their own colour over a faded rest; `fade` fades the rest without hits (a selected sentence
+    is drawn on top by the view). `points` and `frame`: as `HeadRaster`'s."""
 
     def __init__(self, coords: np.ndarray, colouring: Colouring, hits: np.ndarray | None = None,
-                 tiers: np.ndarray | None = None, fade: bool = False):
-        super().__init__(coords, colouring, None)
+                 tiers: np.ndarray | list | None = None, fade: bool = False, points: HeadPoints | None = None,
+                 frame: pd.DataFrame | None = None):
+        super().__init__(coords, colouring, None, points, frame)
         self.hits = np.asarray(hits, dtype=np.int64) if hits is not None and len(hits) else None
         self.fade = fade
-        self.tier_frames = None
-        if tiers is not None:
-            self.tier_frames = [(TIER_PX[min(t, len(TIER_PX) - 1)], _subset_frame(coords, colouring, np.flatnonzero(
-                tiers == t))) for t in np.unique(tiers)]
+        self.tier_frames = tier_frames(coords, colouring, tiers) if isinstance(tiers, np.ndarray) else tiers
         self.hit_frame = _subset_frame(coords, colouring, self.hits) if self.hits is not None else None
 
     def counts(self, canvas):

@@ -16,9 +16,9 @@ import param
 from viz import attention_lines, tokens_layer
 from viz.data import (KEY_COLOUR, MODE_DESCRIPTIONS, QUERY_COLOUR, pick_point, point_info, points_in_box,
                       points_in_lasso, selection_frame)
-from viz.emphasis import StyledRaster
+from viz.emphasis import StyledRaster, tier_frames
 from viz.labels import labels_element, region_frame, visible_labels
-from viz.raster import HeadRaster
+from viz.raster import HeadPoints, HeadRaster, head_points, point_frame
 from viz.state import DashboardState
 
 PLOT_W, PLOT_H = 640, 560
@@ -36,6 +36,20 @@ def legend_html(colouring, description: str | None = None, notes: tuple[str, ...
     lines += [html.escape(note) for note in notes]
     about = f'<div style="font-size:11px;color:#555">{" · ".join(lines)}</div>' if lines else ""
     return f'<div style="font-size:11px">{items}</div>{about}'
+
+
+def shared_points(data, method: str, dim: int, layer: int, head: int, mode: str, sized: bool = False):
+    """(HeadPoints, point frame in `mode`, tier frames or None) of a head: built once per server
+    and read by every session's raster (`viz.raster.HeadRaster`), which keeps only its own
+    highlight and hover raster."""
+    key = (method, dim, layer, head)
+    coords = data.coords(*key)
+    colouring = data.colouring(mode, layer, head)
+    points: HeadPoints = data.cached("head_points", key, lambda: head_points(coords))
+    frame = data.cached("frames", key + (mode,), lambda: point_frame(coords, colouring, points))
+    tiers = data.cached("tier_frames", key + (mode,), lambda: tier_frames(
+        coords, colouring, data.norm_tiers(layer, head))) if sized else None
+    return points, frame, tiers
 
 
 class HeadView(param.Parameterized):
@@ -60,7 +74,8 @@ class HeadView(param.Parameterized):
         raster = hv.DynamicMap(self._raster_element, streams=list(zoom)).opts(hv.opts.RGB(
             width=PLOT_W, height=PLOT_H, tools=["box_select", "lasso_select"], active_tools=["pan", "wheel_zoom"],
             framewise=True, shared_axes=False, xaxis=None, yaxis=None, toolbar="above"))
-        layers = raster * hv.DynamicMap(self._region_labels, streams=list(zoom)) * hv.DynamicMap(self._marks) \
+        layers = raster * hv.DynamicMap(self._veil) * hv.DynamicMap(self._region_labels, streams=list(zoom)) \
+            * hv.DynamicMap(self._marks) * hv.DynamicMap(self._hover_mark) \
             * hv.DynamicMap(self._token_labels, streams=list(zoom))
         hv.streams.Tap(source=raster).add_subscriber(self._on_tap)
         hv.streams.PointerXY(source=raster).add_subscriber(self._on_pointer)
@@ -115,17 +130,25 @@ class HeadView(param.Parameterized):
             self.plot3d.visible, self.head_plot.visible = True, False
             self.raster = HeadRaster(coords[:, :2], colouring, highlight)
             return
-        tiers = data.norm_tiers(layer, head) if self.size_by_norm else None
+        points, frame, tiers = shared_points(data, method, dim, layer, head, state.colour, self.size_by_norm)
         self.plot3d.visible, self.head_plot.visible = False, True
         self._reset_range = self._reset_range or not keep_range
-        self.raster = StyledRaster(coords, colouring, highlight, tiers, fade=state.selected_point is not None)
+        self.raster = StyledRaster(coords, colouring, highlight, tiers, points=points, frame=frame)
 
-    @param.depends("state.selected_point", watch=True)
-    def _fade(self):
-        """The rest of the points fade under a clicked sentence."""
-        if isinstance(self.raster, StyledRaster):
-            self.raster.fade = self.state.selected_point is not None
-            self.param.trigger("raster")
+    @param.depends("raster", "state.selected_point")
+    def _veil(self):
+        """The rest of the points fade under a clicked sentence: a white veil over the raster
+        (drawing it again would cost a click the raster's time)."""
+        shown = self.raster is not None and self.state.dim != 3 and self.state.selected_point is not None
+        return attention_lines.veil_element((self.raster.x_full[0], self.raster.y_full[0], self.raster.x_full[1],
+                                             self.raster.y_full[1]) if shown else None)
+
+    @param.depends("raster", "hover")
+    def _hover_mark(self):
+        if self.raster is None or self.state.dim == 3 or self.hover is None:
+            return attention_lines.hover_element(np.zeros((0, 2)), None)
+        return attention_lines.hover_element(self.raster.coords, (self.hover, str(
+            self.data.tokens["token"].iat[self.hover % self.data.n])))
 
     def _figure_3d(self, coords, colouring, highlight):
         import plotly.graph_objects as go  # plotly: only 3-D needs it
@@ -178,16 +201,17 @@ class HeadView(param.Parameterized):
         if self.raster is None or self.state.dim == 3:
             return tokens_layer.labels_element(pd.DataFrame({c: [] for c in tokens_layer.COLUMNS}))
         selected = self._selected_sentence()
+        shown = self._shown_range()
         return tokens_layer.labels_element(tokens_layer.token_labels(
-            self.raster.coords, self.data.tokens, *self._shown_range(), sentence=selected[2] if selected else None,
-            show_tokens=self.show_tokens))
+            self.raster.coords, self.data.tokens, *shown, sentence=selected[2] if selected else None,
+            show_tokens=self.show_tokens, most_in_view=self.raster.points.most_in(*shown[:2])))
 
-    @param.depends("raster", "hover", "lines", "state.selected_point")
+    @param.depends("raster", "lines", "state.selected_point")
     def _marks(self):
-        """Overlay on the projection (`viz.attention_lines`): the hovered point with its token;
-        the clicked point, its sentence's queries and keys, with the "attention lines" box every
-        query's top 2 keys (weight >= 0.05, opacity = weight), and the clicked point's own
-        strongest links (a query's top keys, or the queries that attend most to a key)."""
+        """Overlay on the projection (`viz.attention_lines`): the clicked point, its sentence's
+        queries and keys, with the "attention lines" box every query's top 2 keys (weight >= 0.05,
+        opacity = weight), and the clicked point's own strongest links (a query's top keys, or
+        the queries that attend most to a key). The hovered point has its own layer."""
         if self.raster is None or self.state.dim == 3:
             return attention_lines.marks_element(np.zeros((0, 2)), self.data.n, None, None, None, None, None)
         coords, n = self.raster.coords, self.data.n
@@ -200,8 +224,7 @@ class HeadView(param.Parameterized):
                 lines = attention_lines.line_segments(attention_lines.sentence_lines(attention), coords, offset, n)
             own = attention_lines.line_segments(attention_lines.point_lines(attention, info["pos"], info["kind"]),
                                                 coords, offset, n)
-        hover = None if self.hover is None else (self.hover, str(self.data.tokens["token"].iat[self.hover % n]))
-        return attention_lines.marks_element(coords, n, sentence, lines, own, self.state.selected_point, hover)
+        return attention_lines.marks_element(coords, n, sentence, lines, own, self.state.selected_point, None)
 
     def _selected_sentence(self):
         """(point info, first token's row, sentence points) of the clicked point, or None."""

@@ -7,7 +7,9 @@ call against plain datashader (`Canvas.points` + `shade`) on the same data."""
 
 from __future__ import annotations
 
+import functools
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -18,12 +20,57 @@ from viz.data import Colouring
 from viz.palette import KEY_COLOUR, QUERY_COLOUR, SEARCH_COLOUR
 
 
-def point_frame(coords: np.ndarray, colouring: Colouring) -> pd.DataFrame:
-    """x, y and the colour category of every point; no copy of the coordinates where possible."""
+@dataclass(frozen=True)
+class HeadPoints:
+    """What every session's raster of one head reads and none changes, built once per server:
+    `frame` holds x and y (contiguous float32) and i (each point's index, for the hover raster);
+    every colour mode's frame shares its x and y."""
+
+    frame: pd.DataFrame
+    x_full: tuple[float, float]
+    y_full: tuple[float, float]
+    grid: np.ndarray  # int64 [GRID, GRID]: points per cell of the full range, row 0 = lowest y
+
+    def most_in(self, x_range, y_range) -> int:
+        """At most how many points lie in the range (the cells it touches), without a scan."""
+        rows, cols = self.grid.shape
+        (x0, x1), (y0, y1) = self.x_full, self.y_full
+        c0, c1 = (int(np.clip((v - x0) / max(x1 - x0, 1e-12) * cols, 0, cols - 1)) for v in x_range)
+        r0, r1 = (int(np.clip((v - y0) / max(y1 - y0, 1e-12) * rows, 0, rows - 1)) for v in y_range)
+        return int(self.grid[min(r0, r1):max(r0, r1) + 1, min(c0, c1):max(c0, c1) + 1].sum())
+
+
+GRID = 256
+
+
+@functools.lru_cache(maxsize=2)
+def _point_index(n_points: int) -> np.ndarray:
+    """float64 [n_points] 0 .. n - 1, read-only: datashader's max() takes floats; every head of a run
+    has as many points, so one array serves them all."""
+    index = np.arange(n_points, dtype=np.float64)
+    index.flags.writeable = False
+    return index
+
+
+def head_points(coords: np.ndarray) -> HeadPoints:
+    import datashader as ds
+
+    x_full, y_full = full_range(coords)
+    frame = pd.DataFrame({"x": np.ascontiguousarray(coords[:, 0], dtype=np.float32),
+                          "y": np.ascontiguousarray(coords[:, 1], dtype=np.float32),
+                          "i": _point_index(len(coords))}, copy=False)
+    canvas = ds.Canvas(plot_width=GRID, plot_height=GRID, x_range=x_full, y_range=y_full)
+    grid = np.asarray(canvas.points(frame, "x", "y", agg=ds.count()).data, dtype=np.int64)
+    return HeadPoints(frame, x_full, y_full, grid)
+
+
+def point_frame(coords: np.ndarray, colouring: Colouring, points: HeadPoints | None = None) -> pd.DataFrame:
+    """x, y and the colour category of every point; `points`' x and y where given (no copy)."""
     categories = pd.Categorical.from_codes(colouring.codes.astype(np.int16), categories=colouring.labels,
                                            validate=False)
-    return pd.DataFrame({"x": np.ascontiguousarray(coords[:, 0]), "y": np.ascontiguousarray(coords[:, 1]),
-                         "c": categories}, copy=False)
+    x = points.frame["x"].to_numpy() if points is not None else np.ascontiguousarray(coords[:, 0])
+    y = points.frame["y"].to_numpy() if points is not None else np.ascontiguousarray(coords[:, 1])
+    return pd.DataFrame({"x": x, "y": y, "c": categories}, copy=False)
 
 
 def full_range(coords: np.ndarray, pad: float = 0.03) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -41,18 +88,21 @@ def to_rgba(image) -> np.ndarray:
 
 
 class HeadRaster:
-    """One head's points in one colour mode, ready to be rasterized at any range."""
+    """One head's points in one colour mode, ready to be rasterized at any range. `points` and
+    `frame` (`head_points`, `point_frame`), where given, are the server's shared copies: a
+    session's raster then holds only what is its own (the highlight, its last hover raster)."""
 
-    def __init__(self, coords: np.ndarray, colouring: Colouring, highlight: np.ndarray | None = None):
+    def __init__(self, coords: np.ndarray, colouring: Colouring, highlight: np.ndarray | None = None,
+                 points: HeadPoints | None = None, frame: pd.DataFrame | None = None):
         self.coords = coords
         self.colouring = colouring
-        self.frame = point_frame(coords, colouring)
-        self.x_full, self.y_full = full_range(coords)
+        self.points = points if points is not None else head_points(coords)
+        self.frame = frame if frame is not None else point_frame(coords, colouring, self.points)
+        self.x_full, self.y_full = self.points.x_full, self.points.y_full
         self.highlight = None
         if highlight is not None and len(highlight):
             self.highlight = pd.DataFrame({"x": coords[highlight, 0], "y": coords[highlight, 1]})
         self._index_key, self._index = None, None
-        self._index_frame = None
 
     def _canvas(self, x_range, y_range, width, height):
         import datashader as ds
@@ -90,10 +140,7 @@ class HeadRaster:
 
         key = (tuple(x_range or self.x_full), tuple(y_range or self.y_full), int(width), int(height))
         if key != self._index_key:
-            if self._index_frame is None:
-                self._index_frame = pd.DataFrame({"x": self.frame["x"], "y": self.frame["y"],
-                                                  "i": np.arange(len(self.frame), dtype=np.float64)})
-            agg = self._canvas(*key).points(self._index_frame, "x", "y", agg=ds.max("i"))
+            agg = self._canvas(*key).points(self.points.frame, "x", "y", agg=ds.max("i"))
             values = np.nan_to_num(np.asarray(agg.data, dtype=np.float64), nan=-1).astype(np.int64)
             self._index_key, self._index = key, np.flipud(values)
         return self._index

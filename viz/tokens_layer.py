@@ -39,12 +39,14 @@ def label_boxes(x: np.ndarray, y: np.ndarray, texts: list[str], x_range, y_range
 
 def token_labels(coords: np.ndarray, tokens: pd.DataFrame, x_range, y_range, width: int, height: int,
                  sentence: np.ndarray | None = None, show_tokens: bool = True, max_points: int = MAX_POINTS,
-                 font_px: int = FONT_PX) -> pd.DataFrame:
+                 font_px: int = FONT_PX, most_in_view: int | None = None) -> pd.DataFrame:
     """The labels to draw in this view (columns x, y: the text's anchor in data units, text,
     kind "query"/"key", role "sentence"/"token"). `coords` is [2 * n_tokens, >= 2] (queries
     first), `tokens` the run's token table; `sentence`: points of the selected sentence, always
     labelled "pos:token" where in view; with `show_tokens`, every other point in view is labelled
-    by its token when at most `max_points` points are in view."""
+    by its token when at most `max_points` points are in view. `most_in_view`, a bound on the
+    points in view (`viz.raster.HeadPoints.most_in`), spares the scan of every point where it
+    says there are too many."""
     n = len(tokens)
     chosen, roles = [], []
     mine = np.zeros(0, dtype=np.int64)
@@ -54,7 +56,7 @@ def token_labels(coords: np.ndarray, tokens: pd.DataFrame, x_range, y_range, wid
         mine = mine[np.lexsort((mine >= n, mine % n))]  # by position, query before key
         chosen.append(mine)
         roles.append(np.full(len(mine), "sentence", dtype=object))
-    if show_tokens:
+    if show_tokens and (most_in_view is None or most_in_view - len(mine) <= max_points):
         in_view = points_in_view(coords, x_range, y_range)
         if len(in_view) - len(mine) <= max_points:
             others = in_view[~np.isin(in_view, mine)]

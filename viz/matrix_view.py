@@ -12,9 +12,9 @@ from functools import partial
 import numpy as np
 import pandas as pd
 import panel as pn
-from bokeh.events import Tap
-from bokeh.models import (ColumnDataSource, FixedTicker, ImageRGBA, LinearAxis, Plot, Quad, Range1d, TapTool, Text,
-                          Title)
+from bokeh.events import MouseWheel, Tap
+from bokeh.models import (ColumnDataSource, CustomJS, FixedTicker, ImageRGBA, LinearAxis, PanTool, Plot, Quad, Range1d,
+                          TapTool, Text, Title, WheelZoomTool)
 from PIL import Image
 
 from viz.data import SELECTED_COLOUR, RunData
@@ -24,6 +24,14 @@ from viz.raster import shade_thumbnail
 THUMB, GAP = 96, 4
 CELL = THUMB + GAP
 BOX_COLUMNS = ["head", "layer", "head1", "layer1"]
+ZOOM_OPENS = 1.6  # semantic zoom: a view narrower than this many cells opens the head under the cursor
+
+# after each wheel step: once the view is narrower than `cells` cells both ways, the point under
+# the cursor goes to the server (`zoom_to`), which opens that head
+SEMANTIC_ZOOM_JS = """
+if (Math.max(xr.end - xr.start, yr.end - yr.start) >= cells) return;
+zoom_to.data = {x: [cb_obj.x], y: [cb_obj.y]};
+"""
 
 
 def thumbnail(data: RunData, method: str, dim: int, layer: int, head: int, mode: str, size: int = THUMB):
@@ -95,8 +103,12 @@ class MatrixView:
         self.values = ColumnDataSource(columns_of(None, ["head", "layer", "text"]))
         self.box = ColumnDataSource(columns_of(None, BOX_COLUMNS))
         # a bare Plot, not bokeh.plotting.figure: half the models, half the time, on every page load
+        self.zoom_to = ColumnDataSource({"x": [], "y": []}, name="qk-matrix-zoom")
+        wheel = WheelZoomTool(zoom_on_axis=False)
         plot = Plot(frame_width=self.n_heads * CELL, frame_height=n_layers * CELL, x_range=Range1d(0, self.n_heads),
-                    y_range=Range1d(0, n_layers), toolbar_location=None, title=Title(text=""), tools=[TapTool()])
+                    y_range=Range1d(0, n_layers), toolbar_location=None, title=Title(text=""),
+                    tools=[TapTool(), PanTool(), wheel], name="qk-matrix-plot")
+        plot.toolbar.active_scroll = wheel
         self.x_axis = LinearAxis(ticker=FixedTicker(ticks=[]))
         plot.add_layout(self.x_axis, "above")
         plot.add_layout(LinearAxis(ticker=FixedTicker(ticks=[n_layers - r - 0.5 for r in range(n_layers)]),
@@ -112,6 +124,9 @@ class MatrixView:
         # a click opens a head: on Panel's thread pool where the server has one, off the event loop
         plot.on_event(Tap, lambda event: pn.state.execute(partial(self._on_tap, event.x, event.y),
                                                           schedule="thread" if pn.config.nthreads else "auto"))
+        plot.js_on_event(MouseWheel, CustomJS(args=dict(xr=plot.x_range, yr=plot.y_range, zoom_to=self.zoom_to,
+                                                         cells=ZOOM_OPENS), code=SEMANTIC_ZOOM_JS))
+        self.zoom_to.on_change("data", lambda _attr, _old, new: self._on_zoom(new))
         self.figure = plot
         self.caption = pn.pane.HTML("", css_classes=["qk-matrix-caption"])
         self.plot = pn.Column(pn.pane.Bokeh(plot), css_classes=["qk-matrix"])
@@ -170,6 +185,20 @@ class MatrixView:
                  'head, the rest faded.</span>' if len(state.matches) else "")
         return (f"<b>Every head</b>: {shown} of {total} heads projected ({state.method} {state.dim}-D), layers as "
                 f"rows, heads as columns; click one to open it.{found}{missing}")
+
+    def reset_zoom(self) -> None:
+        """Every head in view again."""
+        def apply():
+            self.figure.x_range.update(start=0, end=self.n_heads)
+            self.figure.y_range.update(start=0, end=len(self.layers))
+        pn.state.execute(apply, schedule=True)
+
+    def _on_zoom(self, cursor: dict) -> None:
+        """Zoomed in past ZOOM_OPENS cells: the head under the cursor opens, the matrix zooms back out."""
+        if len(cursor.get("x", ())):
+            self.reset_zoom()
+            pn.state.execute(partial(self._on_tap, cursor["x"][0], cursor["y"][0]),
+                             schedule="thread" if pn.config.nthreads else "auto")
 
     def _on_tap(self, x=None, y=None):
         if x is None or y is None:

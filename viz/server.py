@@ -1,8 +1,9 @@
 """Serving the dashboard: loopback by default; when exposed, a login that checks user name and
 password in constant time and slows down a client after each failed attempt, and optional TLS.
 
-The run is fixed when the server starts; a URL can only choose among the run's own heads,
-methods and colour modes (viz.data.url_state), never a path. Widget callbacks (search, head
+The runs are fixed when the server starts; a URL can only choose a run by its listed name
+(`?run=NAME`) and among that run's own heads, methods and colour modes (viz.data.url_state),
+never a path. Widget callbacks (search, head
 changes, clicks) run on Panel's thread pool, off the event loop that serves page loads."""
 
 from __future__ import annotations
@@ -71,6 +72,57 @@ def check_run(run):
     if run.projections().empty:
         raise ServeError(f"{url} has no projections yet; run: qkatlas reduce {url} --method umap,pca")
     return run
+
+
+def run_name(url: str) -> str:
+    """A run's listed name: the last part of its path or URL."""
+    return url.rstrip("/").rsplit("/", 1)[-1] or url
+
+
+def runs_in(directory: str) -> list[str]:
+    """The runs (with projections) directly inside local `directory`, newest name first (nightly
+    runs named by date list the latest first); [] when `directory` holds none."""
+    from pipeline.store import StoreError, open_run
+
+    found = []
+    for child in sorted(Path(directory).expanduser().iterdir(), reverse=True):
+        if not child.is_dir():
+            continue
+        try:
+            if not open_run(str(child)).projections().empty:
+                found.append(str(child))
+        except (StoreError, FileNotFoundError, OSError):
+            continue
+    return found
+
+
+def run_table(sources) -> dict:
+    """name -> opened run, for `sources`: runs (paths, URLs or opened runs) and local directories
+    of runs. Names are the runs' directory names, unique, so that a URL names a run by that name
+    only, never by a path."""
+    from pipeline.store import StoreError, open_run
+
+    table = {}
+    for source in sources:
+        if isinstance(source, str):
+            try:
+                open_run(source)
+                urls = [source]
+            except (StoreError, FileNotFoundError):
+                urls = runs_in(source) if Path(source).expanduser().is_dir() else []
+                if not urls:
+                    raise ServeError(f"{source} is neither a run nor a directory of runs with projections; give "
+                                     "run directories (see `qkatlas reduce`) or a folder holding them") from None
+        else:
+            urls = [source]
+        for url in urls:
+            run = check_run(url)
+            name = run_name(getattr(getattr(run, "dir", None), "url", None) or str(url))
+            if name in table:
+                raise ServeError(f"two runs are named {name!r} ({url} and another); serve them from differently "
+                                 "named directories")
+            table[name] = run
+    return table
 
 
 # --- credentials ---------------------------------------------------------------------------
@@ -212,7 +264,8 @@ def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str 
                 auth_user: str = DEFAULT_USER, tls_cert: str | None = None, tls_key: str | None = None,
                 warm: bool = True, throttle: LoginThrottle | None = None):
     """A Panel server (not started; on this thread's IOLoop) for `run` (a path or URL, or an opened
-    run). `basic_auth`: a password for `auth_user`, or a JSON file of user -> password (see
+    run), or for several: a list of runs and directories of runs (`run_table`), with a run picker
+    in the page. `basic_auth`: a password for `auth_user`, or a JSON file of user -> password (see
     `load_credentials`)."""
     import panel as pn
     from bokeh.settings import settings
@@ -226,10 +279,12 @@ def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str 
     if basic_auth:
         extra.update(auth_provider=auth_provider(load_credentials(basic_auth, auth_user), throttle or LoginThrottle()),
                      cookie_secret=secrets.token_hex(32))
-    run = check_run(run)
+    runs = run_table(run) if isinstance(run, (list, tuple)) else {"": check_run(run)}
+    only = next(iter(runs.values()))
+    page = (lambda: app(runs)) if len(runs) > 1 else (lambda: app(only))  # a picker for several runs only
     origins = [f"{address}:{port}"] + ([f"localhost:{port}", f"127.0.0.1:{port}"] if is_loopback(address) else [])
     try:
-        server = pn.serve({"/": lambda: app(run)}, port=port, address=address, websocket_origin=origins, show=False,
+        server = pn.serve({"/": page}, port=port, address=address, websocket_origin=origins, show=False,
                           start=False, title="qkatlas", verbose=False, **extra)
     except OSError as error:
         raise _bind_error(error, address, port) from None
@@ -237,7 +292,8 @@ def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str 
         pn.config.nthreads = SERVER_THREADS
     settings.perform_document_validation.set_value(False)  # developer checks of every model, on every page load
     if warm:
-        threading.Thread(target=warm_up, args=(shared_run_data(run),), daemon=True, name="qkatlas-warm").start()
+        threading.Thread(target=lambda: [warm_up(shared_run_data(each)) for each in runs.values()], daemon=True,
+                         name="qkatlas-warm").start()
     return server
 
 

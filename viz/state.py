@@ -9,7 +9,7 @@ import param
 
 from viz.data import RunData, SearchError, colour_modes, search_tokens, url_state
 
-MATRIX_TAB, HEAD_TAB, HEADS_TAB = 0, 1, 2
+MATRIX_TAB, HEAD_TAB, HEADS_TAB, IMAGES_TAB = 0, 1, 2, 3  # the Images tab: image runs only
 
 
 class DashboardState(param.Parameterized):
@@ -24,7 +24,7 @@ class DashboardState(param.Parameterized):
     search_error = param.String("", doc="why the search could not run")
     selected_point = param.Integer(None, allow_None=True, doc="the clicked point (queries first, then keys)")
     selection = param.DataFrame(pd.DataFrame(), doc="the box or lasso selection (`viz.data.selection_frame`)")
-    tab = param.Integer(MATRIX_TAB, doc="the tab shown: matrix, head or heads")
+    tab = param.Integer(MATRIX_TAB, doc="the tab shown: matrix, head, heads or images")
 
     def __init__(self, data: RunData, args: dict | None = None):
         run = data.run
@@ -68,6 +68,16 @@ class DashboardState(param.Parameterized):
     def open_head(self, layer: int, head: int) -> None:
         self.param.update(layer=layer, head=head)
         self.tab = HEAD_TAB
+
+    def step_head(self, step: int) -> None:
+        """The adjacent head (`step` -1 or 1) of the open layer, staying within the layer."""
+        heads = self.param.head.objects
+        self.head = heads[min(max(heads.index(self.head) + step, 0), len(heads) - 1)]
+
+    def step_layer(self, step: int) -> None:
+        """The same head of the adjacent stored layer (`step` -1 or 1)."""
+        layers = self.param.layer.objects
+        self.layer = layers[min(max(layers.index(self.layer) + step, 0), len(layers) - 1)]
 
     def open_sequence(self, seq_id: int, pos: int) -> None:
         """Clicks query `pos` of sequence `seq_id` in the open head."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import html
+from urllib.parse import quote
 
 import holoviews as hv
 import panel as pn
@@ -14,11 +15,14 @@ import panel as pn
 from viz.data import RunData, shared_run_data
 from viz.head_view import HeadView
 from viz.heads_view import HeadAtlas
+from viz.image_grid_view import ImageGridView
 from viz.matrix_view import MatrixView
 from viz.selection_view import SelectionView
 from viz.sequence_view import SequenceView
 from viz.similar_view import SimilarView
-from viz.state import HEAD_TAB, HEADS_TAB, MATRIX_TAB, DashboardState
+from viz.state import HEAD_TAB, HEADS_TAB, IMAGES_TAB, MATRIX_TAB, DashboardState
+
+ZOOM_RETURNS = 1.5  # semantic zoom: a head zoomed out past this many times its extent returns to the matrix
 
 
 def count_html(state: DashboardState) -> str:
@@ -60,8 +64,13 @@ class Dashboard:
                                                state.param.search_error), css_classes=["qk-search-count"], width=220)
         self.message = pn.pane.HTML(pn.bind(lambda *_: missing_html(state), state.param.method, state.param.dim,
                                             state.param.layer, state.param.head), css_classes=["qk-message"])
+        self.nav = self._navigation()
         builders = {MATRIX_TAB: lambda: self.matrix.panel(), HEAD_TAB: self._head_tab, HEADS_TAB: self.atlas.heads_tab}
-        self.tabs = pn.Tabs(*((name, pn.Column()) for name in ("Matrix", "Head", "Heads")), dynamic=True)
+        names = ["Matrix", "Head", "Heads"]
+        if data.run.modality == "image":
+            builders[IMAGES_TAB] = lambda: self.images.panel()
+            names.append("Images")
+        self.tabs = pn.Tabs(*((name, pn.Column()) for name in names), dynamic=True)
         self.tabs.link(state, active="tab", bidirectional=True)
 
         def fill(tab: int):
@@ -71,6 +80,37 @@ class Dashboard:
         state.param.watch(lambda event: fill(event.new), "tab")
         fill(state.tab)
         self.tabs.active = state.tab
+
+    def _navigation(self) -> pn.Row:
+        """Adjacent-head arrows, reset zoom and view all heads (the semantic zoom's buttons)."""
+        state = self.state
+
+        def button(label: str, css: str, action, width: int = 64):
+            widget = pn.widgets.Button(label=label, width=width, css_classes=[css], margin=(22, 2, 0, 2))
+            widget.on_click(lambda _: action())
+            return widget
+        return pn.Row(button("◀ head", "qk-prev-head", lambda: state.step_head(-1)),
+                      button("head ▶", "qk-next-head", lambda: state.step_head(1)),
+                      button("▲ layer", "qk-prev-layer", lambda: state.step_layer(-1)),
+                      button("layer ▼", "qk-next-layer", lambda: state.step_layer(1)),
+                      button("reset zoom", "qk-reset-zoom", self.reset_zoom, 90),
+                      button("view all heads", "qk-all-heads", lambda: setattr(state, "tab", MATRIX_TAB), 110))
+
+    def reset_zoom(self) -> None:
+        """The matrix and the open head back to their full extent (whichever are built)."""
+        if "matrix" in self.__dict__:
+            self.matrix.reset_zoom()
+        if "head" in self.__dict__:
+            self.head.load()
+
+    def _zoomed_out(self, x_range=None, y_range=None, **_) -> None:
+        """Semantic zoom back: the head zoomed out past ZOOM_RETURNS times its full extent shows every head."""
+        raster = self.head.raster
+        if self.state.tab != HEAD_TAB or raster is None or x_range is None or y_range is None:
+            return
+        (x0, x1), (y0, y1) = raster.x_full, raster.y_full
+        if x_range[1] - x_range[0] > ZOOM_RETURNS * (x1 - x0) and y_range[1] - y_range[0] > ZOOM_RETURNS * (y1 - y0):
+            self.state.tab = MATRIX_TAB
 
     def _head_tab(self):
         self.sequence, self.selection, self.similar = (View(self.state) for View in (SequenceView, SelectionView,
@@ -83,9 +123,15 @@ class Dashboard:
         return MatrixView(self.state, self.atlas)
 
     @functools.cached_property
+    def images(self) -> ImageGridView:
+        return ImageGridView(self.state)
+
+    @functools.cached_property
     def head(self) -> HeadView:
         """Built with the Head tab, or on first use (in tests and notebooks)."""
-        return HeadView(self.state)
+        view = HeadView(self.state)
+        view.range_stream.add_subscriber(self._zoomed_out)
+        return view
 
     def __getattr__(self, name: str):
         """A part of the state or of a view, by its name there (`dash.raster`, `dash.matches`)."""
@@ -111,14 +157,16 @@ class Dashboard:
             f'{run.n_heads} heads, {n:,} tokens ({2 * n:,} points per head)</div>', css_classes=["qk-header"])
         controls = pn.Row(self.method_w, self.dim_w, self.layer_w, self.head_w, self.colour_w, self.search_w,
                           self.count_pane)
-        return pn.Column(header, controls, self.message, self.tabs, sizing_mode="stretch_width")
+        return pn.Column(header, pn.Row(controls, self.nav), self.message, self.tabs, sizing_mode="stretch_width")
 
 
 _EXTENSIONS = False
 
 
 def app(run, args: dict | None = None):
-    """The dashboard over `run` (a path, URL or opened Run) as a Panel object, for a server or Jupyter."""
+    """The dashboard over `run` (a path, URL or opened Run) as a Panel object, for a server or
+    Jupyter; or, for several runs, over `run` = {name: run}, with a run picker: `?run=NAME`
+    chooses among the names (any other is refused), the first by default."""
     from pipeline.store import open_run
 
     global _EXTENSIONS
@@ -126,8 +174,24 @@ def app(run, args: dict | None = None):
         hv.extension("bokeh", logo=False)
         _EXTENSIONS = True
     pn.extension("tabulator", "plotly")
-    if isinstance(run, str):
-        run = open_run(run)
     if args is None and pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
         args = pn.state.session_args
-    return Dashboard(shared_run_data(run), args).panel()
+    if not isinstance(run, dict):
+        return Dashboard(shared_run_data(open_run(run) if isinstance(run, str) else run), args).panel()
+    names = list(run)
+    asked = url_text((args or {}).get("run"))
+    if asked is not None and asked not in run:
+        links = ", ".join(f'<a href="?run={quote(name)}">{html.escape(name)}</a>' for name in names)
+        return pn.pane.HTML(f'<div class="qk-run-refused">No run named <b>{html.escape(asked[:100])}</b> here; choose '
+                            f'one of: {links}</div>')
+    name = asked or names[0]
+    picker = pn.widgets.Select(label="Run", options=names, value=name, width=240, css_classes=["qk-run-picker"])
+    picker.jscallback(value="window.location.search = '?run=' + encodeURIComponent(cb_obj.value);")
+    return pn.Column(picker, Dashboard(shared_run_data(run[name]), args).panel(), sizing_mode="stretch_width")
+
+
+def url_text(raw) -> str | None:
+    """A URL argument as text (Panel gives a list of bytes), or None."""
+    if isinstance(raw, list):
+        raw = raw[0] if raw else None
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw

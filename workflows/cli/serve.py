@@ -13,7 +13,8 @@ from workflows.progress import console
 
 @app.command()
 def serve(
-    run: str = typer.Argument(..., help="run directory or URL, with projections (`qkatlas reduce`)"),
+    run: list[str] = typer.Argument(..., help="runs (directories or URLs, with projections) or folders of runs; "
+                                         "several get a run picker, and ?run=NAME picks one by its folder name"),
     port: int = typer.Option(5006, help="port to listen on (1-65535)"),
     address: str = typer.Option("127.0.0.1", help="address to bind; anything but loopback exposes the run"),
     basic_auth: Optional[str] = typer.Option(
@@ -26,7 +27,8 @@ def serve(
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key of --tls-cert"),
     show: bool = typer.Option(False, help="open a browser"),
 ) -> None:
-    """Serve the dashboard (matrix, single-head, sequence and image views) over a run."""
+    """Serve the dashboard (matrix, single-head, sequence and image views) over one run, or over
+    several with a run picker (`qkatlas serve runs/nightly-*` or `qkatlas serve runs/`)."""
     from viz.server import exposure_warnings, make_server  # panel, bokeh: imported when used
 
     tls = tls_cert is not None or tls_key is not None
@@ -36,7 +38,8 @@ def serve(
         console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)
     host = "127.0.0.1" if address in ("0.0.0.0", "::") else address
     scheme = "https" if tls else "http"
-    console.print(f"[bold green]serving[/] {run} at {scheme}://{host}:{port}/  (Ctrl+C stops)", highlight=False)
+    served = ", ".join(run)
+    console.print(f"[bold green]serving[/] {served} at {scheme}://{host}:{port}/  (Ctrl+C stops)", highlight=False)
     server.start()
     if show:
         server.show("/")

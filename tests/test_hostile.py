@@ -51,13 +51,13 @@ def free_port() -> int:
 def million_tokens():
     """1 M tokens with long words and a non-ASCII one: Python's regex engine needs minutes for
     `((\\w+)+)+!` on them (pandas hands `\\w` on non-ASCII text to it)."""
-    from viz.bench import SyntheticRun
+    from workflows.bench.serve import SyntheticRun
 
     return SyntheticRun(1_000_000).tokens()
 
 
 def test_pathological_regex_on_a_million_tokens_returns_within_a_second():
-    from viz.bench import PATHOLOGICAL
+    from workflows.bench.serve import PATHOLOGICAL
     from viz.data import search_tokens
 
     tokens = million_tokens()
@@ -92,7 +92,7 @@ def test_a_search_that_runs_out_of_time_stops_with_a_message():
 def test_the_count_pane_shows_an_invalid_pattern_instead_of_failing():
     import holoviews as hv
 
-    from viz.bench import SyntheticRun
+    from workflows.bench.serve import SyntheticRun
     from viz.data import RunData
     from viz.views import Dashboard
 
@@ -107,7 +107,7 @@ def test_the_count_pane_shows_an_invalid_pattern_instead_of_failing():
 @pytest.fixture(scope="module")
 def million_token_server():
     """`qkatlas serve`'s server (make_server) over a synthetic run of 1 M tokens, in a child process."""
-    from viz.bench import BenchServer
+    from workflows.bench.serve import BenchServer
 
     server = BenchServer(1_000_000, baseline=False)
     yield server
@@ -115,7 +115,7 @@ def million_token_server():
 
 
 def test_a_pathological_search_does_not_stall_another_clients_page_load(million_token_server):
-    from viz.bench import PATHOLOGICAL, page_load, send_search
+    from workflows.bench.serve import PATHOLOGICAL, page_load, send_search
 
     server = million_token_server
     alone = page_load(server.url, timeout=30)
@@ -131,7 +131,7 @@ def test_a_pathological_search_does_not_stall_another_clients_page_load(million_
 
 
 def test_the_served_dashboard_reports_an_invalid_pattern(million_token_server):
-    from viz.bench import send_search
+    from workflows.bench.serve import send_search
 
     session, sent = send_search(million_token_server.url, "re:(")
     seconds, count = million_token_server.search_answer(sent, timeout=30)
@@ -225,7 +225,7 @@ def test_a_mistyped_credentials_file_is_an_error_not_a_password(tmp_path):
 @pytest.fixture
 def login_server():
     """A served synthetic run with a password for `alice`, on a thread; fast login delays."""
-    from viz.bench import SyntheticRun
+    from workflows.bench.serve import SyntheticRun
     from viz.server import LoginThrottle, make_server
 
     port = free_port()

@@ -41,7 +41,7 @@ def test_token_index_exact_and_prefix_equal_a_scan():
 def test_sessions_share_the_open_heads_frames():
     import holoviews as hv
 
-    from viz.bench import SyntheticRun
+    from workflows.bench.serve import SyntheticRun
     from viz.data import RunData
     from viz.views import Dashboard
 
@@ -67,7 +67,7 @@ def test_sessions_share_the_open_heads_frames():
 
 
 def test_the_density_grid_bounds_the_points_in_any_range():
-    from viz.bench import synthetic_coords
+    from workflows.bench.serve import synthetic_coords
     from viz.raster import head_points
     from viz.tokens_layer import points_in_view
 

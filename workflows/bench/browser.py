@@ -1,6 +1,6 @@
 """`qkatlas bench browser`: the dashboard's interactions at corpus scale, driven in Chromium.
 
-A server process (`make_server`) over a synthetic run of N points per head (`viz.bench.SyntheticRun`,
+A server process (`make_server`) over a synthetic run of N points per head (`workflows.bench.serve.SyntheticRun`,
 its layouts written once to .npy files and memory-mapped, as a store's arrays would be read) or
 over a real run, is driven by Playwright in Debian's Chromium, as tests/test_browser*.py do:
 opening a head, changing the colour mode, zooming, searching, hovering and clicking. Each
@@ -104,10 +104,10 @@ def time_view_callbacks(record) -> None:
 
 
 class MappedSyntheticRun:
-    """`viz.bench.SyntheticRun` whose layouts are .npy files in `folder`, memory-mapped on read."""
+    """`workflows.bench.serve.SyntheticRun` whose layouts are .npy files in `folder`, memory-mapped on read."""
 
     def __new__(cls, n_tokens: int, folder: str):
-        from viz.bench import SyntheticRun, synthetic_coords
+        from workflows.bench.serve import SyntheticRun, synthetic_coords
 
         run = SyntheticRun(n_tokens)
         for layer in run.layers:
@@ -189,7 +189,7 @@ class Server:
             self.port = sock.getsockname()[1]
         self.timings_path = str(workdir / f"timings-{self.port}.jsonl")
         Path(self.timings_path).write_text("")
-        self.process = subprocess.Popen([sys.executable, "-m", "viz.browser_bench", str(self.port), source,
+        self.process = subprocess.Popen([sys.executable, "-m", "workflows.bench.browser", str(self.port), source,
                                          self.timings_path], env=dict(os.environ, OMP_NUM_THREADS="1"),
                                         stdout=subprocess.PIPE, text=True,
                                         stderr=open(workdir / f"server-{self.port}.log", "w"))
@@ -214,7 +214,7 @@ class Server:
 
 
 def percentiles(values: list[float]) -> tuple[float, float, int]:
-    from viz.bench import percentile
+    from workflows.bench.serve import percentile
 
     values = [v for v in values if v is not None]
     return (percentile(values, 0.5), percentile(values, 0.95), len(values)) if values else (float("nan"),) * 2 + (0,)
@@ -335,5 +335,5 @@ def bench_browser(points: list[int], real_run: str | None = None, real_head: tup
             browser.close()
 
 
-if __name__ == "__main__":  # python -m viz.browser_bench PORT SOURCE TIMINGS: the benchmark's server
+if __name__ == "__main__":  # python -m workflows.bench.browser PORT SOURCE TIMINGS: the benchmark's server
     serve(int(sys.argv[1]), sys.argv[2], sys.argv[3])

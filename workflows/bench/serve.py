@@ -248,7 +248,8 @@ class BenchServer:
         self.searches: list[dict] = []
         self._reported = threading.Condition()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "viz.bench", str(port), str(n_tokens), "baseline" if baseline else "current"],
+            [sys.executable, "-m", "workflows.bench.serve", str(port), str(n_tokens),
+             "baseline" if baseline else "current"],
             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.time() + timeout
@@ -389,7 +390,7 @@ def bench_serve(points: list[int], repeats: int, sessions: int, width: int, heig
         f"{verdict(figures['page_during_search'] < GOAL_PAGE_DURING_SEARCH)}")
 
 
-if __name__ == "__main__":  # python -m viz.bench PORT N_TOKENS baseline|current: the load test's server
+if __name__ == "__main__":  # python -m workflows.bench.serve PORT N_TOKENS baseline|current: the load test's server
     import sys
 
     serve_synthetic(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "baseline")

@@ -1,6 +1,6 @@
-"""`qkatlas bench ...`: one command per benchmark in workflows/bench/ (and the dashboard's in
-viz/bench.py); each prints its figures as ratios against a baseline measured in the same run.
-The benchmarks import torch, umap-learn and the models when they run, not when the CLI starts."""
+"""`qkatlas bench ...`: one command per benchmark in workflows/bench/; each prints its figures as
+ratios against a baseline measured in the same run, or against its goals. The benchmarks import
+torch, umap-learn, the models and panel when they run, not when the CLI starts."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def bench_serve(
     """Re-rasterizing one head (the dashboard's code path) vs raw datashader on the same data,
     the server's memory, and concurrent sessions against a server process, with the old
     serving path (search with Python's regex on the event loop) as the baseline."""
-    from viz.bench import bench_serve  # panel, bokeh: imported when used
+    from workflows.bench.serve import bench_serve  # panel, bokeh: imported when used
 
     bench_serve([int(p) for p in points.split(",")], repeats, min(max(sessions, 1), 50), width, height, tokens)
 
@@ -119,3 +119,21 @@ def bench_compare(
 
     _prepare()
     benchmark.bench_compare(group, layer, head, members, epochs)
+
+
+@bench_app.command("browser")
+def bench_browser(
+    points: str = typer.Option("1000000,10000000", help="points per synthetic head (comma list)"),
+    run: Optional[str] = typer.Option(None, help="a real run whose head is driven too"),
+    head: str = typer.Option("pca,2,3", help="that run's head: method,layer,head"),
+    repeats: int = typer.Option(8, help="times each interaction is timed"),
+    sessions: int = typer.Option(20, help="sessions for the memory figure"),
+    workdir: Optional[Path] = typer.Option(None, help="synthetic layouts (.npy), timings and server logs"),
+) -> None:
+    """Each dashboard interaction's server-side latency (p50/p95) in Chromium, and the server's
+    RSS with 1 and N sessions on one head."""
+    from workflows.bench.browser import bench_browser as run_bench  # playwright, panel: imported when used
+
+    method, layer, index = head.split(",")
+    run_bench([int(p) for p in points.split(",")], run, (method, int(layer), int(index)), None, repeats, sessions,
+              str(workdir) if workdir else None)

@@ -450,7 +450,7 @@ class RunData:
         self._lock = threading.RLock()
         self._caches = {name: LRUCache(size) for name, size in CACHE_SIZES.items()}
         self._similarity = None
-        self._images: dict = {}
+        self._images: LRUCache = LRUCache(256)  # decoded images of the image grid and sequence view
         self.projections = run.projections()
         self.head_measurements = run.head_measurements()
         self.head_top_sequences = run.head_top_sequences()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from rich.table import Table
 
+from pipeline.extract import configure_threads
 from workflows.progress import console
 
 ROUNDS = 3
@@ -64,9 +65,7 @@ def _time_extract(loaded, batches, out: str, layers: list[int] | None = None, co
 
 def bench_extract(model: str, data: str, sequences: int, batch_size: int, threads: int | None, memory: bool,
                   memory_sequences: int = 1600) -> dict:
-    import os
-
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    configure_threads(threads)
     loaded, batches = _prepared_batches(model, data, sequences, batch_size)
     n_tokens = sum(sum(batch.lengths) for batch in batches)
     _time_plain(loaded, batches[:2])  # warm-up

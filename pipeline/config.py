@@ -108,7 +108,11 @@ class ReduceConfig(_Strict):
     sample_threshold: int | None = Field(None, ge=100, description="points above which a head is fitted on a "
                                                                   "sample; default per backend")
     sample_size: int | None = Field(None, ge=100, description="points in that sample; default per backend")
-    refine_epochs: int = Field(70, ge=0, description="UMAP epochs over the full kNN graph after interpolation")
+    refine_epochs: int = Field(15, ge=0, description="UMAP epochs over the full kNN graph after interpolation "
+                                                     "(0: interpolation only)")
+    refine_learning_rate: float = Field(0.2, gt=0, description="starting learning rate of those epochs: low, as "
+                                                               "the interpolated layout is already in place")
+    refine_negative_sample_rate: int = Field(1, ge=1, description="negative samples per edge in those epochs")
     seed: int | None = Field(None, description="fixes the layout; umap-learn then runs single-threaded")
     umap: UMAPParams = Field(default_factory=UMAPParams)
     tsne: TSNEParams = Field(default_factory=TSNEParams)

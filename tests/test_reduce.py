@@ -11,7 +11,8 @@ import pytest
 from pipeline.config import ExtractConfig, ReduceConfig
 from pipeline.extract import extract
 from pipeline.reduce import BackendError, load_backend, pick_backend
-from pipeline.reduce.project import head_points, knn_preservation, project_points, reduce_run, sample_tokens
+from pipeline.reduce.project import (GRAPH_CELLS, head_points, knn_preservation, project_points, reduce_run,
+                                     sample_points, sample_tokens)
 from pipeline.store import RunDir, committed_projections, open_run
 
 
@@ -97,6 +98,88 @@ def test_interpolation_places_points_near_their_sample_neighbours():
     centroids = np.array([coords[labels == c].mean(0) for c in range(5)])
     nearest = np.argmin(((coords[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (nearest == labels).mean() > 0.95
+
+
+def sheet_head(n_tokens: int, seed: int = 0) -> np.ndarray:
+    """[2 * n_tokens, 32] unit points of a synthetic head whose queries and keys lie near one 2-D
+    sheet (a random smooth map of the plane), so a 2-D layout can keep most neighbours."""
+    rng = np.random.default_rng(seed)
+    plane = rng.uniform(0, 4, size=(n_tokens, 2))
+    queries = np.tanh(plane @ rng.normal(size=(2, 64))) @ (rng.normal(size=(64, 32)) / 8)
+    keys = queries + rng.normal(scale=0.02, size=queries.shape)
+    points = np.vstack([queries, keys]) + rng.normal(scale=0.01, size=(2 * n_tokens, 32))
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_neighbours(points: np.ndarray, k: int) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatL2(points.shape[1])
+    index.add(points)
+    return index.search(points, k)[1]
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(found, exact)]))
+
+
+def test_cell_graph_finds_the_exact_neighbours_it_reports():
+    from pipeline.reduce import cpu
+
+    points = sheet_head(3000)
+    sample = sample_points(len(points) // 2, 600, seed=0)
+    near_sample = cpu.knn(points[sample], points, GRAPH_CELLS)
+    distances, indices = cpu.knn_graph(points, 10, near_sample[1])
+    assert recall(indices, exact_neighbours(points, 10)) > 0.9
+    assert (indices[:, 0] == np.arange(len(points))).all() and (np.diff(distances, axis=1) >= 0).all()
+    np.testing.assert_allclose(distances, np.linalg.norm(points[indices] - points[:, None], axis=2), atol=1e-5)
+
+
+def test_ivf_search_recall_against_exact(monkeypatch):
+    from pipeline.reduce import cpu
+
+    points = sheet_head(3000)
+    monkeypatch.setattr(cpu, "EXACT_PAIRS", 0)  # as for a million-point head: faiss IVF
+    _, indices = cpu.knn(points, points, 10)
+    assert recall(indices, exact_neighbours(points, 10)) > 0.9
+
+
+def test_sampled_umap_keeps_most_of_an_exact_fits_local_structure():
+    cpu = load_backend("cpu")
+    points = sheet_head(2000)
+    config = ReduceConfig(sample_threshold=2000, sample_size=800, seed=0)
+    refined, record = project_points(points, "umap", 2, config, cpu)
+    interpolated, _ = project_points(points, "umap", 2, config.model_copy(update={"refine_epochs": 0}), cpu)
+    exact, _ = project_points(points, "umap", 2, ReduceConfig(seed=0), cpu)
+    scores = {name: knn_preservation(points, coords, cpu)
+              for name, coords in (("refined", refined), ("interpolated", interpolated), ("exact", exact))}
+    assert "scaled x2.24 to the sample fit's density" in record["placement"]
+    assert scores["refined"] >= 0.8 * scores["exact"] and scores["refined"] > scores["interpolated"] + 0.05, scores
+
+
+def test_seeded_sampled_projection_is_reproducible():
+    cpu = load_backend("cpu")
+    points = sheet_head(1500, seed=1)
+    config = ReduceConfig(sample_threshold=1000, sample_size=500, seed=3)
+    first, _ = project_points(points, "umap", 2, config, cpu)
+    again, _ = project_points(points, "umap", 2, config, cpu)
+    np.testing.assert_array_equal(first, again)
+
+
+def test_one_neighbour_graph_serves_every_dim_of_a_head(small_run, tmp_path, monkeypatch):
+    from pipeline.reduce import cpu
+
+    calls = []
+    search = cpu.knn_graph
+    monkeypatch.setattr(cpu, "knn_graph", lambda *args: calls.append(len(args[0])) or search(*args))
+    run_url = copy_run(small_run, tmp_path / "run")
+    n_points = 2 * open_run(run_url).n_tokens
+    config = ReduceConfig(dims=[2, 3], layers=[0], heads=[1], sample_threshold=n_points // 2,
+                          sample_size=n_points // 4, refine_epochs=5, seed=0)
+    assert reduce_run(run_url, config)["projected"] == 2
+    assert calls == [n_points]  # one graph for both dims
+    records = committed_projections(RunDir(run_url))
+    assert all("5 UMAP epochs" in records[("umap", dim, 0, 1)]["placement"] for dim in (2, 3))
 
 
 def test_sample_is_balanced_and_spread():
@@ -196,3 +279,17 @@ def test_gpu_backend_projects_with_cuml(small_run, tmp_path, method, dim):
         assert record["backend"] == "cpu" and "2-D only" in record["fallback"]
     else:
         assert record["backend"] == "gpu"
+
+
+@pytest.mark.gpu
+def test_gpu_backend_refines_a_sampled_head_or_says_why_not(small_run):
+    from pipeline.reduce import gpu as gpu_module
+
+    if gpu_module.available() is not None:
+        pytest.skip(f"GPU backend unavailable: {gpu_module.available()}")
+    run = open_run(small_run)
+    points, _ = head_points(run.queries(1, 0), run.keys(1, 0), ReduceConfig())
+    config = ReduceConfig(sample_threshold=len(points) // 2, sample_size=len(points) // 4, refine_epochs=10)
+    coords, record = project_points(points, "umap", 2, config, load_backend("gpu"))
+    assert coords.shape == (len(points), 2) and np.isfinite(coords).all() and record["backend"] == "gpu"
+    assert "10 UMAP epochs" in record["placement"] or "initial layout" in record["refine_skipped"]

@@ -5,9 +5,12 @@ set of functions on plain arrays:
 
     available() -> str | None            why it cannot run here, or None
     pca(points, dim, seed)               -> coords [n, dim]
-    umap(points, dim, params, seed, init=None, neighbours=None) -> coords
+    umap(points, dim, params, seed, init=None, neighbours=None, n_epochs=None, learning_rate=1.0,
+         negative_sample_rate=None)      -> coords        (init: refine that layout as it is)
     tsne(points, dim, params, seed)      -> coords        (raises Unsupported for a combination)
     knn(reference, queries, k)           -> (distances [m, k], indices [m, k])
+    knn_graph(points, k, cells)          -> (distances [n, k], indices [n, k]): each point's k
+                                            nearest points; cells [n, P]: its nearest sample points
 
 `pick_backend` chooses once per process: the GPU where cuML imports and a device is visible,
 the CPU otherwise. `pipeline.reduce.project` builds the per-head stage on top.

@@ -38,18 +38,30 @@ def pca(points: np.ndarray, dim: int, seed: int) -> np.ndarray:
 
 
 def umap(points: np.ndarray, dim: int, params: dict, seed: int | None, init: np.ndarray | None = None,
-         neighbours: tuple[np.ndarray, np.ndarray] | None = None, n_epochs: int | None = None) -> np.ndarray:
+         neighbours: tuple[np.ndarray, np.ndarray] | None = None, n_epochs: int | None = None,
+         learning_rate: float = 1.0, negative_sample_rate: int | None = None) -> np.ndarray:
+    """As the CPU backend's: `init` is refined from where it is (cuML takes an array `init`;
+    releases that take only 'spectral' or 'random' raise Unsupported, and the caller keeps the
+    unrefined layout); `neighbours` (distances, indices) goes to cuML as `precomputed_knn`."""
     import cupy
     from cuml.manifold import UMAP
 
-    if init is not None:
-        raise Unsupported("cuML UMAP takes no initial layout")
-    model = UMAP(n_components=dim, n_neighbors=params["n_neighbors"], min_dist=params["min_dist"],
-                 metric="euclidean", init="spectral" if params["init"] == "spectral" else "random",
-                 negative_sample_rate=params["negative_sample_rate"], n_epochs=n_epochs or params.get("n_epochs"),
-                 random_state=seed,
-                 build_algo="auto")
-    return _host(model.fit_transform(cupy.asarray(points, dtype=cupy.float32)))
+    options = dict(n_components=dim, n_neighbors=params["n_neighbors"], min_dist=params["min_dist"],
+                   metric="euclidean", negative_sample_rate=negative_sample_rate or params["negative_sample_rate"],
+                   n_epochs=n_epochs or params.get("n_epochs"), learning_rate=learning_rate, random_state=seed,
+                   build_algo="auto")
+    if neighbours is not None:
+        distances, indices = neighbours
+        options["precomputed_knn"] = (cupy.asarray(indices[:, : params["n_neighbors"]]),
+                                      cupy.asarray(distances[:, : params["n_neighbors"]], dtype=cupy.float32))
+    if init is None:
+        options["init"] = "spectral" if params["init"] == "spectral" else "random"
+        return _host(UMAP(**options).fit_transform(cupy.asarray(points, dtype=cupy.float32)))
+    try:
+        model = UMAP(init=cupy.asarray(init, dtype=cupy.float32), **options)
+        return _host(model.fit_transform(cupy.asarray(points, dtype=cupy.float32)))
+    except (TypeError, ValueError) as why:
+        raise Unsupported(f"this cuML UMAP takes no initial layout ({why})") from why
 
 
 def tsne(points: np.ndarray, dim: int, params: dict, seed: int | None) -> np.ndarray:
@@ -70,3 +82,9 @@ def knn(reference: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     model = NearestNeighbors(n_neighbors=k, metric="euclidean").fit(cupy.asarray(reference, dtype=cupy.float32))
     distances, indices = model.kneighbors(cupy.asarray(queries, dtype=cupy.float32))
     return cupy.asnumpy(distances).astype(np.float32), cupy.asnumpy(indices)
+
+
+def knn_graph(points: np.ndarray, k: int, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's k nearest points, exact on the device (`cells`, the CPU backend's search
+    partition, is not needed here)."""
+    return knn(points, points, k)

@@ -56,12 +56,14 @@ def bench_reduce(
     layer: int = typer.Option(2),
     head: int = typer.Option(3),
     points: int = typer.Option(200_000, help="points (2 x tokens) of the head to project"),
+    budget: float = typer.Option(600, help="seconds umap-learn on every point may take (estimated first); "
+                                           "above it the baseline is umap-learn on a 200k subsample"),
 ) -> None:
     """Direct umap-learn on every point vs qkatlas's default, on one real head, in one run."""
     from workflows.bench import reduce as benchmark  # torch, models: imported when used
 
     _prepare()
-    benchmark.bench_reduce(run, layer, head, points)
+    benchmark.bench_reduce(run, layer, head, points, budget)
 
 
 @bench_app.command("scale")

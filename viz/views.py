@@ -157,7 +157,7 @@ class Dashboard:
             f'{run.n_heads} heads, {n:,} tokens ({2 * n:,} points per head)</div>', css_classes=["qk-header"])
         controls = pn.Row(self.method_w, self.dim_w, self.layer_w, self.head_w, self.colour_w, self.search_w,
                           self.count_pane)
-        return pn.Column(header, pn.Row(controls, self.nav), self.message, self.tabs, sizing_mode="stretch_width")
+        return pn.Column(header, controls, self.nav, self.message, self.tabs, sizing_mode="stretch_width")
 
 
 _EXTENSIONS = False

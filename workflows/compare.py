@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.align import aligned_layouts, best_match, char_spans, match_by_spans, point_match, token_fingerprint
-from pipeline.config import AlignConfig, ConfigError, GroupConfig, ReduceConfig, RunConfig
+from pipeline.config import AlignConfig, GroupConfig, ReduceConfig, RunConfig
 from pipeline.hooks import hold
 from pipeline.models import resolve_model_path
 from pipeline.reduce import pick_backend
-from pipeline.reduce.project import head_points
+from pipeline.reduce.project import chosen_heads, head_points
 from pipeline.store import open_run, writing
 from pipeline.store.group import (
     GroupDir,
@@ -69,14 +69,8 @@ def align_heads(align: AlignConfig, runs: list) -> list[tuple[str, int, int, int
 
     common_layers = sorted(set.intersection(*(set(run.layers) for run in runs)))
     n_heads = min(run.n_heads for run in runs)
-    layers = align.layers if align.layers is not None else common_layers
-    heads = align.heads if align.heads is not None else list(range(n_heads))
-    missing = [layer for layer in layers if layer not in common_layers]
-    if missing:
-        raise ConfigError(f"group.align.layers {missing} are not stored in every member (common: {common_layers})")
-    bad = [head for head in heads if not 0 <= head < n_heads]
-    if bad:
-        raise ConfigError(f"group.align.heads {bad} out of range: the smallest member has {n_heads} query heads")
+    layers, heads = chosen_heads(align.layers, align.heads, common_layers, n_heads, "group.align",
+                                 "every member")
     return [(align.method, align.dim, layer, head) for layer in layers for head in heads]
 
 

@@ -31,6 +31,7 @@ from dask.system import cpu_count
 
 from pipeline.config import ExtractConfig, ReduceConfig, RunConfig
 from pipeline.hooks import hold
+from pipeline.reduce.project import chosen_heads
 from pipeline.store import (ExtractionState, RunDir, committed_head_layers, committed_parts,
                             committed_projection, is_run,
                             committed_projections, load_manifest, mark_extraction_complete, part_damage, part_name,
@@ -278,17 +279,10 @@ class Todo:
 
 def heads_of(manifest, config: ReduceConfig) -> list[tuple[str, int, int, int]]:
     """Every (method, dim, layer, head) the reduce section asks for, checked against the run."""
-    layers, n_heads = manifest.layers, manifest.attention.n_heads
-    chosen_layers = config.layers if config.layers is not None else layers
-    chosen_heads = config.heads if config.heads is not None else list(range(n_heads))
-    bad_layers = [layer for layer in chosen_layers if layer not in layers]
-    if bad_layers:
-        raise ValueError(f"reduce.layers {bad_layers} are not stored in the run (stored: {layers})")
-    bad_heads = [head for head in chosen_heads if not 0 <= head < n_heads]
-    if bad_heads:
-        raise ValueError(f"reduce.heads {bad_heads} out of range: the model has {n_heads} query heads")
+    layers, heads = chosen_heads(config.layers, config.heads, manifest.layers, manifest.attention.n_heads,
+                                 "reduce", "the run")
     return [(method, dim, layer, head) for method in config.methods for dim in config.dims
-            for layer in chosen_layers for head in chosen_heads]
+            for layer in layers for head in heads]
 
 
 def pending(config: RunConfig) -> Todo:

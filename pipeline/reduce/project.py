@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 
 from pipeline.arrays import array_module, nearest, stable_argsort, to_host
-from pipeline.config import ReduceConfig
+from pipeline.config import ConfigError, ReduceConfig
 from pipeline.normalize import normalize_head
 from pipeline.reduce import Unsupported, load_backend
 
@@ -205,16 +205,24 @@ def attention_agreement(queries, keys, coords, sequences: np.ndarray, scale: flo
 # --- the stage -----------------------------------------------------------------------------
 
 
+def chosen_heads(layers: list[int] | None, heads: list[int] | None, stored_layers: list[int], n_heads: int,
+                 section: str, where: str) -> tuple[list[int], list[int]]:
+    """The layers and query heads a config `section` asks for (None: all), checked against what
+    is stored `where`; a ConfigError names the section's key otherwise."""
+    layers = list(stored_layers) if layers is None else layers
+    heads = list(range(n_heads)) if heads is None else heads
+    bad_layers = [layer for layer in layers if layer not in stored_layers]
+    if bad_layers:
+        raise ConfigError(f"{section}.layers {bad_layers} are not stored in {where} (stored: {list(stored_layers)})")
+    bad_heads = [head for head in heads if not 0 <= head < n_heads]
+    if bad_heads:
+        raise ConfigError(f"{section}.heads {bad_heads} out of range: {where} has {n_heads} query heads")
+    return layers, heads
+
+
 def head_tasks(run, config: ReduceConfig) -> list[tuple[str, int, int, int]]:
     """Every (method, dim, layer, head) the config asks for, validated against the run."""
-    layers = config.layers if config.layers is not None else run.layers
-    heads = config.heads if config.heads is not None else list(range(run.n_heads))
-    bad_layers = [layer for layer in layers if layer not in run.layers]
-    if bad_layers:
-        raise ValueError(f"layers {bad_layers} are not stored in {run.dir.url} (stored: {run.layers})")
-    bad_heads = [head for head in heads if not 0 <= head < run.n_heads]
-    if bad_heads:
-        raise ValueError(f"heads {bad_heads} out of range: the run has {run.n_heads} query heads")
+    layers, heads = chosen_heads(config.layers, config.heads, run.layers, run.n_heads, "reduce", run.dir.url)
     return [(method, dim, layer, head) for method in config.methods for dim in config.dims
             for layer in layers for head in heads]
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from pipeline.store.layout import RunDir, head_name, layout_name, new_token
 from pipeline.store.manifest import StoreError, is_run
-from pipeline.store.writer import read_marker
+from pipeline.store.writer import committed_marker, read_marker
 
 GROUP_FORMAT = "qkatlas-group/1"
 GROUP_MANIFEST = "group.json"
@@ -157,7 +157,7 @@ def _commit(group: GroupDir, data: bytes, path: tuple[str, ...], marker: tuple[s
     return record
 
 
-def _read_committed(group: GroupDir, record: dict, what: str) -> bytes:
+def _readcommitted_marker(group: GroupDir, record: dict, what: str) -> bytes:
     file = record["file"]
     try:
         data = group.read_bytes(*file["path"].split("/"))
@@ -168,11 +168,6 @@ def _read_committed(group: GroupDir, record: dict, what: str) -> bytes:
         raise StoreError(f"{group.url}: {what} ({file['path']}) is damaged (size or checksum differs from its "
                          "commit); rerun `qkatlas compare-run` to redo it")
     return data
-
-
-def _committed(group: GroupDir, *marker: str) -> dict | None:
-    record = read_marker(group, *marker)
-    return record if record and record.get("complete") and record.get("token") else None
 
 
 def write_token_spans(group: GroupDir, name: str, spans: pd.DataFrame) -> dict:
@@ -188,10 +183,10 @@ def write_token_spans(group: GroupDir, name: str, spans: pd.DataFrame) -> dict:
 
 def token_spans(group: GroupDir, name: str) -> pd.DataFrame | None:
     """Member `name`'s committed character spans, or None."""
-    record = _committed(group, *group.spans_marker(name))
+    record = committed_marker(group, *group.spans_marker(name))
     if record is None:
         return None
-    return pd.read_parquet(io.BytesIO(_read_committed(group, record, f"token spans of {name}")))
+    return pd.read_parquet(io.BytesIO(_readcommitted_marker(group, record, f"token spans of {name}")))
 
 
 def write_aligned(group: GroupDir, method: str, dim: int, layer: int, head: int, layouts: dict[str, np.ndarray],
@@ -214,7 +209,7 @@ def committed_aligned(group: GroupDir) -> dict[tuple[str, int, int, int], dict]:
     for folder in group.listdir("aligned"):
         for file in group.listdir("aligned", folder):
             if file.endswith(".json"):
-                record = _committed(group, "aligned", folder, file)
+                record = committed_marker(group, "aligned", folder, file)
                 if record is not None:
                     records[(record["method"], record["dim"], record["layer"], record["head"])] = record
     return records
@@ -296,7 +291,7 @@ class Group:
         record = self._aligned.get((method, dim, layer, head))
         if record is None:
             return None
-        data = _read_committed(self.dir, record, f"aligned {layout_name(method, dim)} {head_name(layer, head)}")
+        data = _readcommitted_marker(self.dir, record, f"aligned {layout_name(method, dim)} {head_name(layer, head)}")
         with np.load(io.BytesIO(data)) as arrays:
             return {name: arrays[name] for name in record["members"]}
 

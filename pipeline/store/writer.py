@@ -465,9 +465,14 @@ def remove_projection_version(run: RunDir, method: str, dim: int, layer: int, he
     run.remove(*run.regions(method, dim, layer, head, token))
 
 
-def committed_projection(run: RunDir, method: str, dim: int, layer: int, head: int) -> dict | None:
-    record = read_marker(run, *run.projection_marker(method, dim, layer, head))
+def committed_marker(directory, *marker: str) -> dict | None:
+    """The marker at `marker` if it commits a version (complete, with a token, not flagged damaged)."""
+    record = read_marker(directory, *marker)
     return record if record and record.get("complete") and record.get("token") and not record.get("damaged") else None
+
+
+def committed_projection(run: RunDir, method: str, dim: int, layer: int, head: int) -> dict | None:
+    return committed_marker(run, *run.projection_marker(method, dim, layer, head))
 
 
 def committed_projections(run: RunDir) -> dict[tuple[str, int, int, int], dict]:
@@ -475,8 +480,8 @@ def committed_projections(run: RunDir) -> dict[tuple[str, int, int, int], dict]:
     for folder in run.listdir("projections"):
         for file in run.listdir("projections", folder):
             if file.endswith(".json"):
-                record = read_marker(run, "projections", folder, file)
-                if record and record.get("complete") and record.get("token") and not record.get("damaged"):
+                record = committed_marker(run, "projections", folder, file)
+                if record is not None:
                     records[(record["method"], record["dim"], record["layer"], record["head"])] = record
     return records
 

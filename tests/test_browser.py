@@ -37,15 +37,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve(run: str):
+def serve(*arguments: str, command: tuple[str, ...] = ("-m", "workflows.cli", "serve")):
+    """Start a server (`qkatlas serve ARGUMENTS` unless `command` says otherwise; `--port P` is
+    appended) and wait until it answers; -> (process, url)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve", run, "--port", str(port)], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, *command, *arguments, "--port", str(port)], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"qkatlas serve exited: {process.stdout.read()}")
+            raise RuntimeError(f"{' '.join(command)} exited: {process.stdout.read()}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -53,7 +55,7 @@ def serve(run: str):
         except OSError:
             time.sleep(0.5)
     process.kill()
-    raise RuntimeError("qkatlas serve did not answer within 90 s")
+    raise RuntimeError(f"{' '.join(command)} did not answer within 90 s")
 
 
 def stop(process):

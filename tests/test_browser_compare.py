@@ -7,39 +7,17 @@ test-artifacts/browser/compare-*.png."""
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
-from test_browser import ARTIFACTS, ROOT, browser, click_until, has_colour, pixels, stop, text_of  # noqa: F401  (fixture)
+from test_browser import ARTIFACTS, browser, click_until, has_colour, pixels, serve, stop, text_of  # noqa: F401  (fixture)
 from test_compare import bpe_gpt2, checkpoints, corpus, group, members  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def serve_compare(url: str):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "workflows.cli", "serve-compare", url, "--port", str(port)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    address = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"qkatlas serve-compare exited: {process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(address, timeout=5) as response:
-                if response.status == 200:
-                    return process, address
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("qkatlas serve-compare did not answer within 90 s")
+    return serve(url, command=("-m", "workflows.cli", "serve-compare"))
 
 
 def shot(locator, name: str) -> np.ndarray:

@@ -6,14 +6,10 @@ give them; screenshots go to each test's tmp dir."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
-from test_browser import ROOT, browser, free_port, new_page, serve, stop, text_of  # noqa: F401
+from test_browser import browser, new_page, serve, stop, text_of  # noqa: F401  (fixture)
 from test_browser_parity import HEAD, settle, steady, wait_until
 from viz_fixtures import image_run, text_run  # noqa: F401  (fixtures)
 
@@ -46,7 +42,7 @@ import sys
 import viz.sequence_view
 from viz.server import make_server
 viz.sequence_view.WINDOW = 8
-server = make_server(sys.argv[2:], port=int(sys.argv[1]))
+server = make_server(sys.argv[1:-2], port=int(sys.argv[-1]))  # RUN ... --port P
 server.start()
 server.io_loop.start()
 """
@@ -201,21 +197,7 @@ def test_semantic_zoom_arrows_reset_and_view_all(browser, server, tmp_path):  # 
 
 
 def serve_several(runs: list[str]):
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", SEVERAL, str(port), *runs], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return process, url
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the server did not answer within 90 s")
+    return serve(*runs, command=("-c", SEVERAL))
 
 
 def test_several_runs_picker_names_only_and_window(browser, text_run, tmp_path):  # noqa: F811

@@ -1,4 +1,5 @@
-"""Attention weights recomputed from stored queries and keys: softmax(q @ k.T * scale + mask)."""
+"""Attention weights recomputed from stored queries and keys: softmax(q @ k.T * scale + mask),
+and the same weights scaled by the norm of the value each key contributes."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ def attention_weights(queries: np.ndarray, keys: np.ndarray, scale: float, mask_
     weights = np.exp(scores)
     weights /= weights.sum(axis=1, keepdims=True)
     return weights.astype(np.float32)
+
+
+def value_norm_weighted(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`weights` [query_pos, key_pos], `values` [key_pos, d_head] -> how much of each query's
+    output each key makes, a_ij * ||v_j|| renormalized per query (Kobayashi et al. 2020 take
+    the norm after the output projection; AttentionViz, and this, take the value's own norm).
+    A key with large attention but a near-zero value then counts for little: the "attend to
+    [SEP] / the first token" pattern of many heads is largely a no-op."""
+    norms = np.linalg.norm(values.astype(np.float64), axis=1)
+    weighted = weights.astype(np.float64) * norms[None, :]
+    totals = weighted.sum(axis=1, keepdims=True)
+    return np.divide(weighted, totals, out=np.zeros_like(weighted), where=totals > 0).astype(np.float32)

@@ -54,6 +54,9 @@ class ExtractConfig(_Strict):
                             "costing ~6% of extraction speed (`qkatlas bench extract`)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs; auto: CUDA if visible")
     threads: int | None = Field(None, gt=0, description="torch CPU threads; default: all cores")
+    values: bool = Field(False, description="also store each key/value head's value vectors (as much again as the "
+                                            "keys): the sequence and aggregate views can then weight attention by "
+                                            "value norm")
     probe: bool = Field(True, description="causal text models: also extract repeated random-token sequences (a "
                                           "nested run RUN/probe) for the head atlas's induction scores")
 

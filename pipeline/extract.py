@@ -1,4 +1,4 @@
-"""Extraction: batched forward passes whose captured Q/K stream into a run store.
+"""Extraction: batched forward passes whose captured Q/K (and, asked for, V) stream into a run store.
 
 `extract_part` writes the sequences of one range of source rows as one part; a single
 process extracts the whole corpus as part 0, and `workflows/` shards rows over workers.
@@ -102,18 +102,18 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 # --- forward pass with capture -------------------------------------------------------------
 
 
-def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.dtype,
-               out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Run one batch; return queries [layer, head_index, token, d_head] and keys
-    [layer, kv_head_index, token, d_head] of the real (unpadded) tokens, batch-major.
+def forward_vectors(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.dtype, values: bool = False,
+                    out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Run one batch; return "q", queries [layer, head_index, token, d_head], "k", keys [layer,
+    kv_head_index, token, d_head] and, with `values`, "v", values [layer, kv_head_index, token,
+    d_head], of the real (unpadded) tokens, batch-major.
 
     `out` (views of the writer's chunk buffer) receives them directly, saving a copy."""
     layout = loaded.layout
     n_real = sum(batch.lengths)
     if out is None:
-        out = (np.empty((len(layers), layout.n_heads, n_real, layout.d_head), dtype=dtype),
-               np.empty((len(layers), layout.n_kv_heads, n_real, layout.d_head), dtype=dtype))
-    queries, keys = out
+        heads = {"q": layout.n_heads, "k": layout.n_kv_heads} | ({"v": layout.n_kv_heads} if values else {})
+        out = {name: np.empty((len(layers), n, n_real, layout.d_head), dtype=dtype) for name, n in heads.items()}
     slot_of_layer = {layer: slot for slot, layer in enumerate(layers)}
     last = max(layers)
     stop_early = last < layout.n_layers - 1  # nothing after the last stored layer is needed
@@ -123,16 +123,18 @@ def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.d
     else:
         real = None
 
-    def sink(module, query, key, _kwargs):
+    def sink(module, query, key, value, _kwargs):
         slot = slot_of_layer.get(loaded.layer_of_module[id(module)])
         if slot is None:
             return
-        for target, states in ((queries, query), (keys, key)):
+        for name, states in (("q", query), ("k", key), ("v", value)):
+            if name not in out:
+                continue
             # [batch, head, pos, d_head] -> [head, batch * pos, d_head] -> real tokens only
             flat = states.detach().transpose(0, 1).reshape(states.shape[1], -1, states.shape[-1])
             if real is not None:
                 flat = flat.index_select(1, real)
-            torch.from_numpy(target[slot]).copy_(flat)  # one pass: gather, cast, device -> host
+            torch.from_numpy(out[name][slot]).copy_(flat)  # one pass: gather, cast, device -> host
         if stop_early and loaded.layer_of_module[id(module)] == last:
             raise _LastLayerCaptured
 
@@ -141,7 +143,7 @@ def forward_qk(loaded: LoadedModel, batch: Batch, layers: list[int], dtype: np.d
             loaded.model(**inputs)
         except _LastLayerCaptured:
             pass
-    return queries, keys
+    return out
 
 
 class _LastLayerCaptured(Exception):
@@ -298,7 +300,7 @@ def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index:
     else:
         batches = image_batches(loaded, sequences, config.batch_size)
     spec = VectorSpec(len(layers), layout.n_heads, layout.n_kv_heads, layout.d_head, config.dtype, config.chunk_tokens,
-                      config.compression)
+                      config.compression, config.values)
     writer = PartWriter(run, index, spec)
     began = time.perf_counter()
     try:
@@ -319,14 +321,13 @@ def extract_part(loaded: LoadedModel, config: ExtractConfig, run: RunDir, index:
 
 def write_batches(loaded: LoadedModel, batches: Iterable[Batch], layers: list[int], dtype: np.dtype,
                   writer: PartWriter, on_batch: Callable[[int, int], None] | None = None) -> int:
-    """Forward every batch, its Q/K going straight into the writer's buffer where they fit.
+    """Forward every batch, its vectors going straight into the writer's buffer where they fit.
     Returns how many sequences were truncated."""
     truncated = 0
     for batch in batches:
         reserved = writer.reserve(sum(batch.lengths))
-        queries, keys = forward_qk(loaded, batch, layers, dtype, out=reserved)
-        writer.append(queries, keys, token_columns(loaded, batch), sequence_columns(batch),
-                      reserved=reserved is not None)
+        vectors = forward_vectors(loaded, batch, layers, dtype, writer.spec.values, out=reserved)
+        writer.append(vectors, token_columns(loaded, batch), sequence_columns(batch), reserved=reserved is not None)
         truncated += sum(batch.truncated)
         if on_batch is not None:
             on_batch(len(batch.sequences), sum(batch.lengths))
@@ -418,7 +419,7 @@ def extract_probe(loaded: LoadedModel, config: ExtractConfig, run: RunDir) -> di
     layers = stored_layers(config, loaded)
     layout = loaded.layout
     spec = VectorSpec(len(layers), layout.n_heads, layout.n_kv_heads, layout.d_head, "float32",
-                      config.chunk_tokens, config.compression)
+                      config.chunk_tokens, config.compression)  # the induction probe needs no values
     writer = PartWriter(probe, 0, spec)
     try:
         write_batches(loaded, probe_batches(loaded, config.batch_size), layers, np.dtype("float32"), writer)

@@ -39,6 +39,10 @@ Per-head measures (`measure_head`), `a[i, j]` the weight of query i on key j of 
   key i + d; NaN where none does (d > 0 in a causal run).
 - `patch_offset_weights` (image runs; None for text): the same by patch offset between query and
   key patches, row-major over (d_row, d_col), each from -(grid - 1) to grid - 1, [CLS] left out.
+- `value_offset_weights` (runs extracted with `--values`; None otherwise): `offset_weights` of
+  the value-norm-weighted attention a[i, j] * |v_j| / sum_j' a[i, j'] * |v_j'|
+  (`pipeline.attention.value_norm_weighted`): how much of each query's output comes from each
+  offset, rather than how much attention goes there.
 Argmax ties (weights equal to float32 rounding) go to the first key, as `np.argmax` does.
 
 Top sequences (`measure_head`'s second return): the sequences where the head is most itself,
@@ -81,7 +85,8 @@ MEASURES = ["entropy", "entropy_norm", "sink_weight", "sink_argmax_share", "prev
             "next_weight", "positional_offset", "positional_share", "special_weight", "punct_weight",
             "duplicate_weight", "confidence", "n_queries"]
 PROBE_SCORES = ["induction_score", "duplicate_score", "previous_token_score"]
-PROFILES = ["offset_weights", "patch_offset_weights"]  # list-valued columns: attention by relative position
+# list-valued columns: attention by relative position
+PROFILES = ["offset_weights", "patch_offset_weights", "value_offset_weights"]
 TOP_COLUMNS = ["layer", "head", "rank", "seq_id", "score"]
 BATCH_ELEMENTS = 1 << 18  # attention weights per batch ([query, key, batch]): about L2-cache sized
 MIN_BATCH = 32  # sequences per batch, so that reductions run along vectors of at least this length
@@ -357,6 +362,7 @@ class HeadAccumulator:
         self.offsets = torch.zeros(2 * plan.max_length + 1, dtype=torch.float64, device=device)  # offset -> queries
         self.offset_weights = torch.zeros_like(self.offsets)  # offset j - i -> summed weight a[i, j]
         self.offset_queries = torch.zeros_like(self.offsets)  # offset j - i -> queries that see it
+        self.value_offset_weights: torch.Tensor | None = None  # offset j - i -> summed value-weighted a[i, j]
         self.max_length = plan.max_length
         self.sequence_scores = np.full(len(plan.seq_ids), np.nan)
         self.patch_side = plan.patch_side
@@ -365,8 +371,9 @@ class HeadAccumulator:
         self.patch_queries = torch.zeros_like(self.patch_weights)  # bin -> queries that see it
 
     def add(self, bucket: Bucket, masks: Masks, exp_scores: torch.Tensor, shifted: torch.Tensor,
-            total: torch.Tensor) -> None:
-        """Add one bucket's counted queries (few, large tensor ops: per-op overhead matters)."""
+            total: torch.Tensor, value_norms: torch.Tensor | None = None) -> None:
+        """Add one bucket's counted queries (few, large tensor ops: per-op overhead matters).
+        `value_norms`: the norm of each token's value vector in plan order, or None."""
         if masks.counts["queries"] == 0:
             return
         length, n = bucket.length, bucket.size
@@ -401,10 +408,24 @@ class HeadAccumulator:
         on_pairs = torch.bmm(exp_scores, counted_inverse.view(length, n, 1)).view(-1).double()  # [query * key]
         self.offset_weights += torch.bincount(masks.pair_offsets, weights=on_pairs, minlength=len(self.offsets))
         self.offset_queries += masks.offset_queries
+        if value_norms is not None:
+            self._add_value_weighted(bucket, masks, exp_scores, value_norms)
         if bucket.patch_bins is not None and masks.patch_queries is not None:
             patch_bins = bucket.patch_bins.to(on_pairs.device)
             self.patch_weights += torch.bincount(patch_bins, weights=on_pairs, minlength=len(self.patch_weights))
             self.patch_queries += masks.patch_queries
+
+    def _add_value_weighted(self, bucket: Bucket, masks: Masks, exp_scores: torch.Tensor,
+                            value_norms: torch.Tensor) -> None:
+        length, n = bucket.length, bucket.size
+        norms = value_norms[bucket.start:bucket.start + n * length].view(n, length).t()  # [key, batch]
+        weighted = exp_scores * norms[None]  # padding keys hold zero vectors: norm 0
+        totals = weighted.sum(1).view(-1)
+        inverse = torch.where(totals > 0, masks.counted / totals.clamp(min=1e-30), 0.0)
+        on_pairs = torch.bmm(weighted, inverse.view(length, n, 1)).view(-1).double()
+        if self.value_offset_weights is None:
+            self.value_offset_weights = torch.zeros_like(self.offset_weights)
+        self.value_offset_weights += torch.bincount(masks.pair_offsets, weights=on_pairs, minlength=len(self.offsets))
 
     def row(self) -> dict:
         n = self.counts["queries"]
@@ -421,6 +442,10 @@ class HeadAccumulator:
         seen = self.offset_queries > 0  # masked keys hold exp(CLAMP) > 0: unseen offsets are set NaN, not 0/0
         by_offset = torch.where(seen, self.offset_weights / self.offset_queries.clamp(min=1), math.nan)
         row["offset_weights"] = by_offset[1:-1].cpu().tolist()  # offsets 1 - max_length .. max_length - 1
+        row["value_offset_weights"] = None
+        if self.value_offset_weights is not None:
+            by_value = torch.where(seen, self.value_offset_weights / self.offset_queries.clamp(min=1), math.nan)
+            row["value_offset_weights"] = by_value[1:-1].cpu().tolist()
         row["patch_offset_weights"] = None
         if self.patch_side:
             seen = self.patch_queries[:-1] > 0
@@ -446,18 +471,31 @@ def measure_head(run, layer: int, head: int, top_k: int = 5, plan: SequencePlan 
     the torch math runs (default: the array backend's, `torch_device`)."""
     plan = plan or plan_sequences(run)
     device = torch_device(device)
-    return _measure_ordered(run, layer, head, plan, in_plan_order(plan, run.queries(layer, head), device),
-                            in_plan_order(plan, run.keys(layer, head), device), top_k, min_top_length)
+    queries, keys, value_norms = _read_head(run, plan, layer, head, device)
+    return _measure_ordered(run, layer, head, plan, queries, keys, top_k, min_top_length, value_norms)
+
+
+def _read_head(run, plan: SequencePlan, layer: int, head: int, device: torch.device,
+               shared: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+    """(queries, keys, value norms or None) of one head in plan order; `shared`: the keys and value
+    norms of the previous head when both read the same key/value head."""
+    if shared is None:
+        value_norms = None
+        if getattr(run, "has_values", False):
+            value_norms = torch.linalg.vector_norm(in_plan_order(plan, run.values(layer, head), device), dim=1)
+        shared = in_plan_order(plan, run.keys(layer, head), device), value_norms
+    return in_plan_order(plan, run.queries(layer, head), device), *shared
 
 
 def _measure_ordered(run, layer: int, head: int, plan: SequencePlan, queries: torch.Tensor, keys: torch.Tensor,
-                     top_k: int, min_top_length: int) -> tuple[dict, list[dict]]:
+                     top_k: int, min_top_length: int,
+                     value_norms: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
     scale, window = run.scale(layer), run.sliding_window(layer)
     accumulator = HeadAccumulator(plan, run.mask_rule, queries.device)
     with torch.inference_mode():
         for bucket in plan.buckets:
             masks = bucket.masks(run.mask_rule, window, queries.device)
-            accumulator.add(bucket, masks, *bucket_attention(bucket, masks, queries, keys, scale))
+            accumulator.add(bucket, masks, *bucket_attention(bucket, masks, queries, keys, scale), value_norms)
     row = {"layer": layer, "head": head, **accumulator.row()}
     top = [{"layer": layer, "head": head, "rank": rank, "seq_id": seq_id, "score": score}
            for rank, (seq_id, score) in enumerate(
@@ -523,11 +561,10 @@ def probe_scores(probe_run, layer: int, head: int, exclude_bos: bool = False, ex
 
 
 def _heads_read_ahead(run, plan: SequencePlan, layers: list[int], heads: list[int], device: torch.device):
-    """Yield (layer, head, queries, keys) in plan order, the next head's read already under way."""
-    def read(layer: int, head: int, keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if keys is None:
-            keys = in_plan_order(plan, run.keys(layer, head), device)
-        return in_plan_order(plan, run.queries(layer, head), device), keys
+    """Yield (layer, head, queries, keys, value norms or None) in plan order, the next head's read
+    already under way."""
+    def read(layer: int, head: int, shared):
+        return _read_head(run, plan, layer, head, device, shared)
 
     order = [(layer, head) for layer in layers for head in heads]
     shares_keys = [index > 0 and order[index - 1][0] == layer and run.kv_head_of_q[order[index - 1][1]] ==
@@ -537,11 +574,12 @@ def _heads_read_ahead(run, plan: SequencePlan, layers: list[int], heads: list[in
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkatlas-read") as reader:
         pending = reader.submit(read, *order[0], None)
         for index, (layer, head) in enumerate(order):
-            queries, keys = pending.result()
+            queries, keys, value_norms = pending.result()
             if index + 1 < len(order):
                 next_layer, next_head = order[index + 1]
-                pending = reader.submit(read, next_layer, next_head, keys if shares_keys[index + 1] else None)
-            yield layer, head, queries, keys
+                pending = reader.submit(read, next_layer, next_head,
+                                        (keys, value_norms) if shares_keys[index + 1] else None)
+            yield layer, head, queries, keys, value_norms
 
 
 def check_probe(run, probe_run, layers: list[int]) -> None:
@@ -572,8 +610,8 @@ def measure_run(run, probe_run=None, layers: list[int] | None = None, heads: lis
     plan = plan_sequences(run)
     probe_plan = plan_sequences(probe_run) if probe_run is not None else None
     rows, tops = [], []
-    for layer, head, queries, keys in _heads_read_ahead(run, plan, layers, heads, device):
-        row, top = _measure_ordered(run, layer, head, plan, queries, keys, top_k, min_top_length)
+    for layer, head, queries, keys, value_norms in _heads_read_ahead(run, plan, layers, heads, device):
+        row, top = _measure_ordered(run, layer, head, plan, queries, keys, top_k, min_top_length, value_norms)
         if probe_plan is not None:
             row.update(probe_scores(probe_run, layer, head, plan=probe_plan, device=device))
         else:

@@ -3,10 +3,11 @@
 One generic capture point serves every architecture: transformers routes attention
 through `ALL_ATTENTION_FUNCTIONS`, passing the query and key states exactly as the softmax
 sees them (after rotary embedding, bias included, before the 1/sqrt(d_head) scale) plus
-the model's `scaling`. qkatlas registers an attention function, "qkatlas", that records
-them and then runs SDPA. When a model is loaded, one probe batch is run twice, with eager
-attention (`output_attentions`) and with the capture; a model whose attention the captured
-Q/K do not reproduce (relative position bias, ALiBi, soft-capping, sinks, ...) is refused.
+the model's `scaling`, and the value states the weights multiply. qkatlas registers an
+attention function, "qkatlas", that records them and then runs SDPA. When a model is loaded,
+one probe batch is run twice, with eager attention (`output_attentions`) and with the
+capture; a model whose attention the captured Q/K do not reproduce (relative position bias,
+ALiBi, soft-capping, sinks, ...) is refused.
 """
 
 from __future__ import annotations
@@ -41,16 +42,17 @@ class ModelError(QkatlasError, ValueError):
 
 # --- the capture point -------------------------------------------------------------------
 
-QKSink = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict], None]
-_active_sink: QKSink | None = None
+# (module, query, key, value, kwargs)
+VectorSink = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict], None]
+_active_sink: VectorSink | None = None
 
 
 def _capturing_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """`query` [batch, head_index, pos, d_head], `key` [batch, kv_head_index, pos, d_head]."""
+    """`query` [batch, head_index, pos, d_head], `key` and `value` [batch, kv_head_index, pos, d_head]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if _active_sink is not None:
-        _active_sink(module, query, key, dict(kwargs, scaling=scaling))
+        _active_sink(module, query, key, value, dict(kwargs, scaling=scaling))
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
 
@@ -64,7 +66,7 @@ def _register_capture() -> None:
 
 
 @contextlib.contextmanager
-def capturing(sink: QKSink):
+def capturing(sink: VectorSink):
     """While active, every attention call of a model set to "qkatlas" reports to `sink`."""
     global _active_sink
     previous, _active_sink = _active_sink, sink
@@ -298,7 +300,7 @@ def _probe(network: PreTrainedModel, name: str, architecture: str,
                          "whose forward takes input_ids or pixel_values") from None
     calls: list[tuple] = []
 
-    def record(module, query, key, kwargs):
+    def record(module, query, key, _value, kwargs):
         calls.append((module, query.detach().float().cpu(), key.detach().float().cpu(), kwargs))
 
     network.set_attn_implementation(CAPTURE_IMPLEMENTATION)

@@ -137,7 +137,7 @@ def test_a_crash_mid_extraction_leaves_nothing_that_reads_as_complete(tiny_model
     import pipeline.extract as extract_module
 
     calls = {"n": 0}
-    original = extract_module.forward_qk
+    original = extract_module.forward_vectors
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -145,13 +145,13 @@ def test_a_crash_mid_extraction_leaves_nothing_that_reads_as_complete(tiny_model
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "forward_qk", failing)
+    monkeypatch.setattr(extract_module, "forward_vectors", failing)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_extract(tiny_models["bert"], text_file, out, batch_size=2)
     with pytest.raises(StoreError, match="not complete"):
         open_run(str(out))
-    monkeypatch.setattr(extract_module, "forward_qk", original)
+    monkeypatch.setattr(extract_module, "forward_vectors", original)
     summary = run_extract(tiny_models["bert"], text_file, out, batch_size=2)
     assert summary["n_sequences"] == 7 and not summary["already_done"]
     again = run_extract(tiny_models["bert"], text_file, out, batch_size=2)

@@ -163,9 +163,9 @@ def test_extracting_early_layers_stops_the_forward_after_the_last_one(tiny_model
     real_capturing = extract_module.capturing
 
     def counting(sink):
-        def wrapped(module, query, key, kwargs):
+        def wrapped(module, query, key, value, kwargs):
             calls.append(module)
-            return sink(module, query, key, kwargs)
+            return sink(module, query, key, value, kwargs)
         return real_capturing(wrapped)
 
     monkeypatch.setattr(extract_module, "capturing", counting)
@@ -176,3 +176,86 @@ def test_extracting_early_layers_stops_the_forward_after_the_last_one(tiny_model
     for head in range(first.n_heads):
         np.testing.assert_array_equal(first.queries(0, head), full.queries(0, head))
         np.testing.assert_array_equal(first.keys(0, head), full.keys(0, head))
+
+
+# The module whose input is every head's attention output side by side, [batch, pos, head_index * d_head].
+OUTPUT_PROJECTION = {"bert": "encoder.layer.{L}.attention.output.dense", "gpt2": "h.{L}.attn.c_proj",
+                     "llama": "layers.{L}.self_attn.o_proj", "vit": "layers.{L}.attention.o_proj"}
+
+
+def head_outputs(model, name: str, inputs: dict) -> list[np.ndarray]:
+    """Per layer, what the model's heads hand to the output projection, [pos, head_index, d_head]."""
+    seen: dict[int, np.ndarray] = {}
+    hooks = []
+    for layer in range(model.config.num_hidden_layers):
+        module = model.get_submodule(OUTPUT_PROJECTION[name].format(L=layer))
+        hooks.append(module.register_forward_pre_hook(
+            lambda _, args, layer=layer: seen.__setitem__(layer, args[0][0].numpy().copy())))
+    with torch.no_grad():
+        model(**inputs)
+    for hook in hooks:
+        hook.remove()
+    n_heads = model.config.num_attention_heads
+    return [seen[layer].reshape(seen[layer].shape[0], n_heads, -1) for layer in sorted(seen)]
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit"])
+def test_stored_values_reproduce_each_heads_attention_output(tiny_models, text_file, image_folder, tmp_path, name):
+    """With `values`, softmax(q.k * scale + mask) @ v from the store equals each head's output in
+    the model itself (the input of its output projection), grouped-query heads included."""
+    from transformers import AutoImageProcessor
+
+    out = str(tmp_path / "run")
+    data = image_folder if name == "vit" else text_file
+    extract(ExtractConfig(model=tiny_models[name], data=data, out=out, dtype="float32", batch_size=3, values=True))
+    run = open_run(out)
+    assert run.has_values
+    model = eager_model(tiny_models[name])
+    worst = 0.0
+    for _, row in run.sequences().iterrows():
+        if name == "vit":
+            image = Image.open(f"{image_folder}/{row['path']}").convert("RGB")
+            inputs = AutoImageProcessor.from_pretrained(tiny_models[name])(images=[image], return_tensors="pt")
+        else:
+            ids = run.tokens().query("seq_id == @row.seq_id")["token_id"].tolist()
+            inputs = {"input_ids": torch.tensor([ids])}
+        expected = head_outputs(model, name, dict(inputs))
+        for layer in run.layers:
+            for head in range(run.n_heads):
+                got = run.attention(row["seq_id"], layer, head) @ run.sequence_values(row["seq_id"], layer, head)
+                worst = max(worst, float(np.abs(got - expected[layer][:, head]).max()))
+    assert worst < TOLERANCE
+    if name == "llama":
+        np.testing.assert_array_equal(run.values(0, 0), run.values(0, 1))  # heads 0 and 1 share kv head 0
+        assert not np.array_equal(run.values(0, 1), run.values(0, 2))
+
+
+def test_value_norm_weighting_and_runs_without_values(tiny_models, text_file, tmp_path):
+    """Value-norm weighting keeps each query's row a distribution and moves weight toward keys with
+    larger values; a run extracted without `values` says how to get them."""
+    from pipeline.attention import value_norm_weighted
+    from pipeline.store import StoreError
+
+    with_values = open_run(extract(ExtractConfig(model=tiny_models["bert"], data=text_file, out=str(tmp_path / "v"),
+                                                 dtype="float32", values=True))["out"])
+    plain = with_values.attention(0, 1, 2)
+    weighted = with_values.attention(0, 1, 2, weighting="value_norm")
+    np.testing.assert_allclose(weighted.sum(axis=1), 1.0, atol=1e-5)
+    norms = np.linalg.norm(with_values.sequence_values(0, 1, 2), axis=1)
+    np.testing.assert_allclose(weighted, plain * norms / (plain * norms).sum(axis=1, keepdims=True), atol=1e-6)
+    assert not np.allclose(weighted, plain)
+    np.testing.assert_allclose(value_norm_weighted(plain, np.ones_like(with_values.sequence_values(0, 1, 2))), plain,
+                               atol=1e-6)  # equal norms change nothing
+    assert with_values.verify() == []
+    record = with_values.parts["part-00000"]
+    value_chunk = with_values.dir.path(*with_values.dir.part_vectors("part-00000", record["token"]), "v/c/1/0/0/0")
+    with open(value_chunk, "r+b") as handle:
+        handle.write(b"\xff" * 16)
+    assert [item.kind for item in open_run(with_values.url).verify()] == ["part"], "a damaged value chunk is found"
+
+    without = open_run(extract(ExtractConfig(model=tiny_models["bert"], data=text_file, out=str(tmp_path / "qk"),
+                                             dtype="float32"))["out"])
+    assert not without.has_values
+    with pytest.raises(StoreError, match="--values"):
+        without.attention(0, 1, 2, weighting="value_norm")
+    np.testing.assert_array_equal(without.attention(0, 1, 2), plain)

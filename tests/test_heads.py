@@ -207,9 +207,9 @@ def test_image_measures_match_eager_attention(sharp_models, image_folder, tmp_pa
 
 def write_run(out: str, queries: np.ndarray, keys: np.ndarray, lengths: list[int], token_ids: np.ndarray,
               mask_rule: str, windows: list[int | None] | None = None, special: np.ndarray | None = None,
-              punct: np.ndarray | None = None) -> str:
+              punct: np.ndarray | None = None, values: np.ndarray | None = None) -> str:
     """A run holding exactly these vectors, written through the store's writer:
-    `queries` [layer, head, token, d_head], `keys` [layer, kv_head, token, d_head]."""
+    `queries` [layer, head, token, d_head], `keys` (and `values`) [layer, kv_head, token, d_head]."""
     n_layers, n_heads, n_tokens, d_head = queries.shape
     n_kv_heads = keys.shape[1]
     run = RunDir(out)
@@ -233,8 +233,10 @@ def write_run(out: str, queries: np.ndarray, keys: np.ndarray, lengths: list[int
     sequences = {"seq_id": list(range(n)), "token_start": np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist(),
                  "n_tokens": list(lengths), "truncated": [False] * n, "text": [f"sequence {i}" for i in range(n)],
                  "path": [None] * n, "meta": [None] * n}
-    writer = PartWriter(run, 0, VectorSpec(n_layers, n_heads, n_kv_heads, d_head, "float32", chunk_tokens=256))
-    writer.append(queries.astype(np.float32), keys.astype(np.float32), tokens, sequences)
+    writer = PartWriter(run, 0, VectorSpec(n_layers, n_heads, n_kv_heads, d_head, "float32", chunk_tokens=256,
+                                           values=values is not None))
+    vectors = {"q": queries, "k": keys} | ({"v": values} if values is not None else {})
+    writer.append({name: rows.astype(np.float32) for name, rows in vectors.items()}, tokens, sequences)
     commit_part(run, 0, writer.close())
     mark_extraction_complete(run, 1)
     return out
@@ -339,6 +341,30 @@ def test_batched_measures_equal_the_store_attention(tmp_path, mask_rule):
     plan = heads.plan_sequences(run)
     assert any((bucket.lengths < bucket.length).any() for bucket in plan.buckets), "padding must be exercised"
     assert_run_matches(run, run.attention, mask_rule)
+
+
+@pytest.mark.parametrize("mask_rule", ["causal", "bidirectional"])
+def test_value_weighted_offsets_equal_a_per_query_reference(tmp_path, mask_rule):
+    """`value_offset_weights` of a run with values equals `offset_weights` of the reference over
+    value-norm-weighted attention; a run without values has none."""
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 30, size=40).tolist()
+    n_tokens = sum(lengths)
+    values = rng.normal(size=(1, 2, n_tokens, 8)) * rng.uniform(0.1, 3.0, size=(1, 2, n_tokens, 1))
+    run = open_run(write_run(str(tmp_path / "run"), rng.normal(size=(1, 4, n_tokens, 8)),
+                             rng.normal(size=(1, 2, n_tokens, 8)), lengths, rng.integers(0, 6, n_tokens), mask_rule,
+                             values=values))
+    measurements, _ = heads.measure_run(run)
+    tokens = run.tokens()
+    for row in measurements.to_dict("records"):
+        expected, _ = reference_measures(tokens, partial(run.attention, layer=0, head=row["head"],
+                                                         weighting="value_norm"), mask_rule, None)
+        plain, _ = reference_measures(tokens, partial(run.attention, layer=0, head=row["head"]), mask_rule, None)
+        np.testing.assert_allclose(row["value_offset_weights"], expected["offset_weights"], atol=TOLERANCE)
+        assert not np.allclose(row["value_offset_weights"], plain["offset_weights"], equal_nan=True)
+    without = open_run(write_run(str(tmp_path / "qk"), rng.normal(size=(1, 2, 30, 4)), rng.normal(size=(1, 1, 30, 4)),
+                                 [10, 20], rng.integers(0, 3, 30), mask_rule))
+    assert heads.measure_run(without)[0]["value_offset_weights"].isna().all()
 
 
 def test_measure_head_alone_equals_measure_run(tmp_path):

@@ -54,9 +54,9 @@ def test_part_files_are_the_bytes_zarr_writes_and_crcs_those_of_the_chunks(tmp_p
         window = slice(start, start + n)
         reserved = writer.reserve(n)
         if reserved is not None:
-            reserved[0][...], reserved[1][...] = queries[:, :, window], keys[:, :, window]
-        writer.append(queries[:, :, window], keys[:, :, window], *token_columns(seq_id, n),
-                      reserved=reserved is not None)
+            reserved["q"][...], reserved["k"][...] = queries[:, :, window], keys[:, :, window]
+        vectors = reserved or {"q": queries[:, :, window], "k": keys[:, :, window]}
+        writer.append(vectors, *token_columns(seq_id, n), reserved=reserved is not None)
         start += n
     record = writer.close()
     assert sum(sizes) % CHUNK_TOKENS, "the last chunk must be partial"

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from pipeline.attention import attention_weights
+from pipeline.attention import attention_weights, value_norm_weighted
 from pipeline.store.layout import RunDir
 from pipeline.store.manifest import Manifest, StoreError, load_manifest
 from pipeline.store.writer import (committed_head_layers, committed_parts, committed_projection,
@@ -163,6 +163,21 @@ class Run:
         """The keys query head `head` reads (its key/value head), [n_tokens, d_head] float32."""
         return self._vectors("k", layer, self.kv_head_of_q[self._head(head)])
 
+    @property
+    def has_values(self) -> bool:
+        """Whether the run stores value vectors (extracted with `--values`)."""
+        return bool(self.parts) and all("v" in record["arrays"] for record in self.parts.values())
+
+    def _check_values(self) -> None:
+        if not self.has_values:
+            raise StoreError(f"{self.dir.url} stores no value vectors; extract it with --values "
+                             "(config: extract.values: true) into a new --out")
+
+    def values(self, layer: int, head: int) -> np.ndarray:
+        """The values query head `head` reads (its key/value head), [n_tokens, d_head] float32."""
+        self._check_values()
+        return self._vectors("v", layer, self.kv_head_of_q[self._head(head)])
+
     # --- tables ----------------------------------------------------------------------------
 
     def _read_parquet(self, what: str, file: dict) -> pa.Table:
@@ -215,13 +230,30 @@ class Run:
             raise KeyError(f"no sequence {seq_id} in this run")
         return frame.loc[match[0]]
 
-    def attention(self, seq_id: int, layer: int, head: int) -> np.ndarray:
-        """The head's attention weights within one sequence, [len, len], recomputed from stored Q/K."""
+    def _sequence_vectors(self, seq_id: int, name: str, layer: int, head: int) -> np.ndarray:
+        """One sequence's stored "q", "k" or "v" rows of query head `head`, [len, d_head] float32."""
         row = self._sequence(seq_id)
         start, stop = int(row["token_start"]), int(row["token_start"] + row["n_tokens"])
-        queries = self._part_vectors(row["part"], "q", layer, self._head(head), start, stop).astype(np.float32)
-        keys = self._part_vectors(row["part"], "k", layer, self.kv_head_of_q[head], start, stop).astype(np.float32)
-        return attention_weights(queries, keys, self.scale(layer), self.mask_rule, self.sliding_window(layer))
+        stored_head = self._head(head) if name == "q" else self.kv_head_of_q[self._head(head)]
+        return self._part_vectors(row["part"], name, layer, stored_head, start, stop).astype(np.float32)
+
+    def attention(self, seq_id: int, layer: int, head: int, weighting: str = "attention") -> np.ndarray:
+        """The head's attention weights within one sequence, [len, len], recomputed from stored Q/K;
+        `weighting="value_norm"` scales each key's weight by its value's norm (`--values` runs)."""
+        if weighting not in ("attention", "value_norm"):
+            raise ValueError(f"unknown weighting {weighting!r}: attention or value_norm")
+        weights = attention_weights(self._sequence_vectors(seq_id, "q", layer, head),
+                                    self._sequence_vectors(seq_id, "k", layer, head), self.scale(layer),
+                                    self.mask_rule, self.sliding_window(layer))
+        if weighting == "attention":
+            return weights
+        self._check_values()
+        return value_norm_weighted(weights, self._sequence_vectors(seq_id, "v", layer, head))
+
+    def sequence_values(self, seq_id: int, layer: int, head: int) -> np.ndarray:
+        """The values head `head` reads within one sequence, [len, d_head]."""
+        self._check_values()
+        return self._sequence_vectors(seq_id, "v", layer, head)
 
     # --- projections and what derives from them --------------------------------------------
 
@@ -316,8 +348,8 @@ class Run:
             if problem is None:
                 try:
                     for layer in self.layers:
-                        for name, heads in (("q", self.n_heads), ("k", self.n_kv_heads)):
-                            for head in range(heads):
+                        for name, array in record["arrays"].items():
+                            for head in range(array["shape"][1]):
                                 self._part_vectors(part, name, layer, head)
                     for table, file in record["files"].items():
                         self._read_parquet(f"{part} {table}", file)

@@ -154,11 +154,17 @@ class VectorSpec:
     dtype: str = "float16"
     chunk_tokens: int = 16384
     compression: str = "none"
+    values: bool = False  # also store the value vectors, "v", per key/value head
+
+    def heads_of(self) -> dict[str, int]:
+        """Stored array name -> heads along its axis 1."""
+        heads = {"q": self.n_heads, "k": self.n_kv_heads}
+        return dict(heads, v=self.n_kv_heads) if self.values else heads
 
 
 class PartWriter:
-    """Streams one part under a fresh token: Q/K go into two preallocated chunk buffers, which a
-    background thread writes while the forward fills them.
+    """Streams one part under a fresh token: Q/K (and V) go into two preallocated chunk buffers,
+    which a background thread writes while the forward fills them.
 
     Each batch's tokens are added to the running CRC of each (layer, head, chunk) and, on a local
     disk with uncompressed chunks, written into their chunk files (`_write_rows`) by that thread
@@ -169,7 +175,7 @@ class PartWriter:
 
     def __init__(self, run: RunDir, index: int, spec: VectorSpec):
         self.run, self.name, self.spec, self.token = run, part_name(index), spec, new_token()
-        heads = {"q": spec.n_heads, "k": spec.n_kv_heads}
+        heads = spec.heads_of()
         vectors = run.part_vectors(self.name, self.token)
         self.arrays = {
             name: zarr.create_array(
@@ -177,17 +183,17 @@ class PartWriter:
                 chunks=(1, 1, spec.chunk_tokens, spec.d_head), compressors=COMPRESSORS[spec.compression](),
                 dimension_names=("layer", "head_index" if name == "q" else "kv_head_index", "token", "d_head"),
                 config={"write_empty_chunks": True})  # every chunk has a file, as `_write_rows` writes them
-            for name in ("q", "k")
+            for name in heads
         }
         self._rows_to_files = run.is_local and hasattr(os, "pwrite") and all(
             stores_plain_chunks(array) for array in self.arrays.values())
-        # "q" | "k" -> [layer][head] -> the CRC of each chunk
+        # "q" | "k" | "v" -> [layer][head] -> the CRC of each chunk
         self.crcs: dict[str, list[list[list[int]]]] = {
             name: [[[] for _ in range(heads[name])] for _ in range(spec.n_layers)] for name in heads}
-        # "q" | "k" -> [layer][head] -> the CRC of the current chunk's tokens so far (writer thread)
+        # "q" | "k" | "v" -> [layer][head] -> the CRC of the current chunk's tokens so far (writer thread)
         self._running_crcs = {name: [[0] * heads[name] for _ in range(spec.n_layers)] for name in heads}
         self._buffers = [{name: np.empty((spec.n_layers, heads[name], spec.chunk_tokens, spec.d_head), spec.dtype)
-                          for name in ("q", "k")} for _ in range(2)]
+                          for name in heads} for _ in range(2)]
         self._current, self._fill = 0, 0
         self._files = {table: run.part_table(table, self.name, self.token) for table in ("tokens", "sequences")}
         for folder, _ in self._files.values():
@@ -204,21 +210,24 @@ class PartWriter:
         self._tasks: deque[Future] = deque()  # queued on the writer thread, oldest first
         self._inflight: Future | None = None  # the last chunk's write
 
-    def reserve(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Views of the current buffer for the next `n` tokens, to be filled in place and then
-        passed to `append(..., reserved=True)`; None when they do not fit before the chunk ends."""
+    def reserve(self, n: int) -> dict[str, np.ndarray] | None:
+        """Views of the current buffer for the next `n` tokens ("q", "k" and, with values, "v"),
+        to be filled in place and then passed to `append`; None when they do not fit before the
+        chunk ends."""
         if self._fill + n > self.spec.chunk_tokens:
             return None
         buffer = self._buffers[self._current]
         window = slice(self._fill, self._fill + n)
-        return buffer["q"][:, :, window], buffer["k"][:, :, window]
+        return {name: rows[:, :, window] for name, rows in buffer.items()}
 
-    def append(self, queries: np.ndarray, keys: np.ndarray, tokens: dict, sequences: dict,
-               reserved: bool = False) -> None:
-        """`queries` [layer, head_index, token, d_head], `keys` [layer, kv_head_index, token, d_head];
-        `tokens` / `sequences`: columns of TOKEN_SCHEMA / SEQUENCE_SCHEMA for these tokens.
-        `reserved`: the vectors are already in the buffer (written through `reserve`)."""
-        n = queries.shape[2]
+    def append(self, vectors: dict[str, np.ndarray], tokens: dict, sequences: dict, reserved: bool = False) -> None:
+        """`vectors`: "q" [layer, head_index, token, d_head], "k" (and "v" when the spec stores
+        values) [layer, kv_head_index, token, d_head]; `tokens` / `sequences`: columns of
+        TOKEN_SCHEMA / SEQUENCE_SCHEMA for these tokens. `reserved`: the vectors are the views
+        `reserve` returned, already in the buffer."""
+        if vectors.keys() != self.arrays.keys():
+            raise ValueError(f"this part stores {sorted(self.arrays)}, got {sorted(vectors)}")
+        n = vectors["q"].shape[2]
         sequences = dict(sequences, part=[self.name] * len(sequences["seq_id"]),
                          token_start=[self.n_tokens + start for start in sequences["token_start"]])
         self._pending_tokens.append(pa.table(tokens, schema=TOKEN_SCHEMA))
@@ -232,8 +241,8 @@ class PartWriter:
         while offset < n:
             take = min(n - offset, self.spec.chunk_tokens - self._fill)
             buffer = self._buffers[self._current]
-            buffer["q"][:, :, self._fill:self._fill + take] = queries[:, :, offset:offset + take]
-            buffer["k"][:, :, self._fill:self._fill + take] = keys[:, :, offset:offset + take]
+            for name, rows in vectors.items():
+                buffer[name][:, :, self._fill:self._fill + take] = rows[:, :, offset:offset + take]
             offset += take
             self._filled(take)
 

@@ -35,3 +35,15 @@ def test_aggregate_element_is_bars_for_text_a_heatmap_for_images_and_a_note_with
     image = aggregate_element({"offset_weights": [0.1] * 9, "patch_offset_weights": [0.1] * 9})
     assert isinstance(image, hv.Image) and image.data is not None
     assert isinstance(aggregate_element(None), hv.Text)
+
+
+def test_runs_with_values_draw_value_weighted_bars_beside_attention():
+    hv.extension("bokeh", logo=False)
+    bars = aggregate_element({"offset_weights": [0.2, 0.8, math.nan], "patch_offset_weights": None,
+                              "value_offset_weights": [0.6, 0.4, math.nan]})
+    assert isinstance(bars, hv.Bars) and bars.kdims[1].name == "weighting"
+    frame = bars.dframe()
+    assert set(frame["weighting"]) == {"attention", "value-norm weighted"}
+    assert frame.query("weighting == 'value-norm weighted' and offset == -1")["weight"].item() == 0.6
+    assert len(aggregate_element({"offset_weights": [0.2, 0.8, math.nan], "patch_offset_weights": None,
+                                  "value_offset_weights": math.nan}).dframe()) == 2

@@ -1,5 +1,5 @@
-"""Real-browser tests of AttentionViz parity in the head and matrix views (issue 12, items 2, 3, 4
-and 10): `qkatlas serve` in a subprocess, Chromium driven by Playwright (see tests/test_browser.py).
+"""Real-browser tests of AttentionViz parity in the head and matrix views (issue 12, items 2, 3, 4,
+7 and 10): `qkatlas serve` in a subprocess, Chromium driven by Playwright (see tests/test_browser.py).
 Canvas text and lines are read from the page's Bokeh document by the renderer names the views
 give them, and seen in screenshots (test-artifacts/browser/parity-*.png)."""
 
@@ -276,4 +276,36 @@ def test_loading_indicator_clear_selection_and_search_emphasis(browser, server):
     tiles = pixels(shot(page, "parity-14-search-matrix", matrix))
     assert has_colour(tiles, (255, 127, 0), 30)  # hits marked in the thumbnails
     assert "marked orange in every head" in text_of(page.locator(".qk-matrix-caption").first)
+    no_errors(errors)
+
+
+SENTENCE_WEIGHTS = """() => {
+  for (const doc of (window.Bokeh && window.Bokeh.documents) || [])
+    for (const model of doc.all_models)
+      if (model.name === 'qk-sentence-attention') return Array.from(model.data.w || []);
+  return [];
+}"""
+
+
+def test_value_norm_weighting_in_the_sentence_view(browser, server, text_run):  # noqa: F811
+    """The run stores values: "weight by value norm" redraws the clicked sentence with
+    a_ij |v_j| renormalized per query, exactly the store's `value_norm` weighting."""
+    from pipeline.store import open_run
+
+    run = open_run(text_run)
+    page, errors, plot = open_head(browser, server)
+    info = page.locator(".qk-sequence-info").first
+    assert click_until(page, plot, lambda: "in sequence" in text_of(info))
+    steady(page, lambda: text_of(info))
+    seq_id = sequence_of(page)
+    weights = lambda: np.asarray(page.evaluate(SENTENCE_WEIGHTS))  # noqa: E731
+    plain = run.attention(seq_id, 1, 0)
+    assert wait_until(page, lambda: weights().size == plain.size and np.allclose(weights(), plain.ravel(), atol=1e-4))
+    check(page, ".qk-value-weighted", True)
+    weighted = run.attention(seq_id, 1, 0, weighting="value_norm")
+    assert not np.allclose(weighted, plain, atol=1e-3)
+    assert wait_until(page, lambda: weights().size == weighted.size
+                      and np.allclose(weights(), weighted.ravel(), atol=1e-4)), "the view kept plain attention"
+    settle(page)
+    shot(page, "parity-15-value-weighted", page.locator(".qk-sentence-plot").first)
     no_errors(errors)

@@ -1,6 +1,7 @@
 """The aggregate view (AttentionViz's): one head's attention by relative position, averaged over
-every query of the corpus. Computed by the head atlas (`offset_weights`, and for images
-`patch_offset_weights`, in `pipeline/heads.py`), never in the browser; drawn here."""
+every query of the corpus. Computed by the head atlas (`offset_weights`, for images
+`patch_offset_weights`, and for runs with values `value_offset_weights`, in `pipeline/heads.py`),
+never in the browser; drawn here."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import pandas as pd
 
 from viz.palette import KEY_COLOUR
 
+VALUE_COLOUR = "#4c72b0"
+
 WINDOW = 24  # offsets shown either side of the query (the tails of a 512-token model are noise)
 
 
 def offset_profile(offset_weights: list[float] | None, window: int = WINDOW) -> pd.DataFrame:
     """`offset`, `weight` of every offset some query sees, |offset| <= `window`. The stored list
     runs over offsets 1 - max_length .. max_length - 1."""
-    if offset_weights is None or len(offset_weights) == 0:
+    if offset_weights is None or isinstance(offset_weights, float) or len(offset_weights) == 0:
         return pd.DataFrame({"offset": pd.Series(dtype=int), "weight": pd.Series(dtype=float)})
     weights = np.asarray(offset_weights, dtype=np.float64)
     max_offset = (len(weights) - 1) // 2
@@ -52,6 +55,13 @@ def aggregate_element(row: dict | None, width: int = 360, height: int = 200):
             cmap="viridis", colorbar=True, width=width, height=height, tools=["hover"],
             title="attention by patch offset, all images")
     profile = offset_profile(row["offset_weights"])
+    value_weighted = offset_profile(row.get("value_offset_weights"))
+    if len(value_weighted):
+        both = pd.concat([profile.assign(weighting="attention"), value_weighted.assign(weighting="value-norm weighted")])
+        return hv.Bars(both, kdims=["offset", "weighting"], vdims=["weight"]).opts(
+            color="weighting", cmap=[KEY_COLOUR, VALUE_COLOUR], width=width, height=height, tools=["hover"],
+            xrotation=90, title="attention by offset, whole corpus", ylim=(0, None),
+            xlabel="key position - query position", multi_level=False, legend_position="top_right")
     return hv.Bars(profile, kdims=["offset"], vdims=["weight"]).opts(
         color=KEY_COLOUR, width=width, height=height, tools=["hover"], xrotation=90,
         title="attention by offset, whole corpus", ylim=(0, None), xlabel="key position - query position")

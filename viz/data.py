@@ -506,8 +506,10 @@ class RunData:
     def norm_tiers(self, layer: int, head: int) -> np.ndarray:
         return self.cached("tiers", (layer, head), lambda: norm_tiers(self.norms(layer, head)))
 
-    def attention(self, seq_id: int, layer: int, head: int) -> np.ndarray:
-        return self.run.attention(seq_id, layer, head)
+    def attention(self, seq_id: int, layer: int, head: int, weighting: str = "attention") -> np.ndarray:
+        """[len, len]; `weighting="value_norm"` (runs with values): each key's weight scaled by
+        its value's norm, renormalized per query."""
+        return self.run.attention(seq_id, layer, head, weighting)
 
     def sequence_tokens(self, seq_id: int) -> pd.DataFrame:
         row = self.sequences.loc[self.sequences["seq_id"] == seq_id].iloc[0]

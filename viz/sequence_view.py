@@ -267,11 +267,17 @@ class SequenceView:
             css_classes=["qk-sequence"], visible=False)
         self.image_pane = pn.pane.PNG(None, css_classes=["qk-image-view"], visible=False, width=320)
         self.sequence_info = pn.pane.HTML("", css_classes=["qk-sequence-info"], width=360)
+        # each key's weight times the norm of its value vector, renormalized per query (Kobayashi et
+        # al. 2020): how much of the query's output comes from each key, not how much attention
+        self.value_weighted = pn.widgets.Checkbox(
+            name="weight by value norm", value=False, visible=data.run.has_values, css_classes=["qk-value-weighted"])
+        self.value_weighted.param.watch(self.show, "value")
         state.param.watch(self.show, "selected_point")
         self.show()
 
     def panel(self):
-        return pn.Column(pn.pane.HTML("<b>Sequence</b>"), self.sequence_info, self.image_pane, self.sequence_pane)
+        return pn.Column(pn.pane.HTML("<b>Sequence</b>"), self.sequence_info, self.value_weighted, self.image_pane,
+                         self.sequence_pane)
 
     def show(self, *_):
         state, data = self.state, self.state.data
@@ -280,7 +286,8 @@ class SequenceView:
             self.sequence_info.object = "<i>click a point to open its sequence</i>"
             return
         info = point_info(data.tokens, data.sequences, state.selected_point)
-        attention = data.attention(info["seq_id"], state.layer, state.head)
+        weighting = "value_norm" if self.value_weighted.value else "attention"
+        attention = data.attention(info["seq_id"], state.layer, state.head, weighting)
         self.sequence_info.object = (
             f'<div><b>{html.escape(info["token"])}</b> ({info["kind"]}, {info["position"]}) in sequence '
             f'{info["seq_id"]}<br><span style="color:#555">{html.escape(info["snippet"])}</span></div>')

@@ -57,7 +57,8 @@ def aggregate_element(row: dict | None, width: int = 360, height: int = 200):
     profile = offset_profile(row["offset_weights"])
     value_weighted = offset_profile(row.get("value_offset_weights"))
     if len(value_weighted):
-        both = pd.concat([profile.assign(weighting="attention"), value_weighted.assign(weighting="value-norm weighted")])
+        both = pd.concat([profile.assign(weighting="attention"),
+                          value_weighted.assign(weighting="value-norm weighted")])
         return hv.Bars(both, kdims=["offset", "weighting"], vdims=["weight"]).opts(
             color="weighting", cmap=[KEY_COLOUR, VALUE_COLOUR], width=width, height=height, tools=["hover"],
             xrotation=90, title="attention by offset, whole corpus", ylim=(0, None),

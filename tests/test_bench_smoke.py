@@ -36,3 +36,21 @@ def test_bench_reduce_compares_direct_umap_with_the_default(tiny_models, tmp_pat
     figures = last_json(result.output)
     assert figures["points"] == 1000 and len(figures["rows"]) == 2
     assert all(0 <= row["knn_preservation"] <= 1 for row in figures["rows"])
+
+
+def test_the_dashboard_opens_a_head_of_the_benchmarks_synthetic_run():
+    """`qkatlas bench serve` / `bench browser` serve `SyntheticRun`, which stands in for a store's
+    Run: the dashboard must build on it and open a head (a run attribute the views start to read
+    would otherwise break the benchmarks only, at scale)."""
+    import holoviews as hv
+
+    from viz.data import shared_run_data
+    from viz.views import Dashboard
+    from workflows.bench.serve import SyntheticRun
+
+    hv.extension("bokeh", logo=False)
+    dashboard = Dashboard(shared_run_data(SyntheticRun(2_000)), {"layer": b"1", "head": b"2"})
+    dashboard.panel()
+    dashboard._head_tab()
+    dashboard.head.load()
+    assert dashboard.head.raster is not None and len(dashboard.head.raster.coords) == 4_000

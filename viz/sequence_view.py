@@ -270,7 +270,7 @@ class SequenceView:
         # each key's weight times the norm of its value vector, renormalized per query (Kobayashi et
         # al. 2020): how much of the query's output comes from each key, not how much attention
         self.value_weighted = pn.widgets.Checkbox(
-            name="weight by value norm", value=False, visible=data.run.has_values, css_classes=["qk-value-weighted"])
+            label="weight by value norm", value=False, visible=data.run.has_values, css_classes=["qk-value-weighted"])
         self.value_weighted.param.watch(self.show, "value")
         state.param.watch(self.show, "selected_point")
         self.show()

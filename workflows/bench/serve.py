@@ -120,7 +120,7 @@ class SyntheticRun:
                  words: list[str] = SYNTHETIC_WORDS):
         self.n_tokens, self.n_heads, self.d_head = n_tokens, n_heads, 16
         self.layers, self.n_layers = list(range(n_layers)), n_layers
-        self.modality, self.model_id = "text", "synthetic"
+        self.modality, self.model_id, self.has_values = "text", "synthetic", False
         self.manifest = SimpleNamespace(model=SimpleNamespace(id="synthetic", modality="text", patch_grid=None),
                                         config=SimpleNamespace(data="synthetic"))
         self.dir = SimpleNamespace(url="synthetic://bench", exists=lambda *parts: False)

@@ -111,7 +111,8 @@ class LoadedModel:
 
     def manifest_entry(self) -> dict:
         return {"id": self.model_id, "revision": self.revision, "architecture": self.architecture,
-                "modality": self.modality, "max_positions": self.max_positions, "patch_grid": self.patch_grid}
+                "modality": self.modality, "max_positions": self.max_positions, "patch_grid": self.patch_grid,
+                "image_size": int(self.model.config.image_size) if self.patch_grid is not None else None}
 
 
 def quiet_transformers() -> None:

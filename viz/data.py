@@ -29,7 +29,9 @@ from viz.palette import (KEY_COLOUR, KEY_RAMP, MOD5_COLOURS, QUERY_COLOUR, QUERY
 
 TEXT_MODES = ["query / key", "position", "position mod 5", "punctuation / special", "norm", "token length",
               "token frequency", "sequence length"]
-IMAGE_MODES = ["query / key", "position", "patch row", "patch column", "patch colour", "norm"]
+IMAGE_MODES = ["query / key", "query / key (fill)", "no outline", "position", "patch row", "patch column",
+               "patch colour", "norm"]
+QUERY_KEY_MODES = ("query / key", "query / key (fill)", "no outline")  # dots green / pink; image patches differ
 N_BINS = 8
 NORM_TIERS = 3  # dot sizes when sized by norm: small, medium, large
 
@@ -46,6 +48,8 @@ MODE_DESCRIPTIONS = {
     "patch row": "the patch's row in the image grid ([CLS] has none)",
     "patch column": "the patch's column in the image grid ([CLS] has none)",
     "patch colour": "the mean colour of the patch's pixels",
+    "query / key (fill)": "queries green, keys pink; zoomed in, each image patch under a green or pink fill",
+    "no outline": "queries green, keys pink; zoomed in, each image patch as the model saw it, no outline",
 }
 
 
@@ -101,7 +105,7 @@ def colouring(mode: str, tokens: pd.DataFrame, norms: np.ndarray | None = None) 
     n = len(tokens)
     kind = np.repeat(np.array([0, 1], dtype=np.uint8), n)
     both = lambda column: np.concatenate([column, column])  # noqa: E731
-    if mode == "query / key":
+    if mode in QUERY_KEY_MODES:
         return Colouring(kind, ["query", "key"], [QUERY_COLOUR, KEY_COLOUR])
     if mode == "position":  # normalized position, one ramp for queries and one for keys
         bins = _bins(both(tokens["pos_norm"].to_numpy()), 0.0, 1.0)
@@ -282,8 +286,10 @@ def search_tokens(tokens: pd.DataFrame, query: str, vocabulary: TokenVocabulary 
 # --- points, hover, selection ------------------------------------------------------------
 
 
-def point_info(tokens: pd.DataFrame, sequences: pd.DataFrame | None, point: int, snippet_width: int = 6) -> dict:
-    """What the hover card shows for point `point` (queries first, then keys)."""
+def point_info(tokens: pd.DataFrame, sequences: pd.DataFrame | None, point: int, snippet_width: int = 6,
+               norms: np.ndarray | None = None) -> dict:
+    """What the hover card shows for point `point` (queries first, then keys); with the open
+    head's `norms` ([2 * n_tokens], `RunData.norms`), the length of the point's vector too."""
     n = len(tokens)
     row = tokens.iloc[point % n]
     info = {"point": int(point), "token_index": int(point % n), "kind": "query" if point < n else "key",
@@ -294,6 +300,8 @@ def point_info(tokens: pd.DataFrame, sequences: pd.DataFrame | None, point: int,
     words = tokens["token"].iloc[start + lo:start + hi].astype(str).tolist()
     words[int(row["pos"]) - lo] = f"[{words[int(row['pos']) - lo]}]"
     info["snippet"] = ("… " if lo > 0 else "") + " ".join(words) + (" …" if hi < int(row["seq_len"]) else "")
+    if norms is not None:
+        info["norm"] = float(norms[point])
     return info
 
 
@@ -431,10 +439,12 @@ def url_state(args: dict, choices: dict[str, list]) -> dict:
 
 
 # entries kept per cache: a head's arrays or thumbnail; a search's hit pixels in every head; a whole mosaic;
-# the open heads' datashader frames (`viz.head_view.shared_points`), one copy per server for every session
+# the open heads' datashader frames (`viz.head_view.shared_points`), one copy per server for every session;
+# an image's patches as the model saw them (`viz.patches_layer`)
 CACHE_SIZES = {"coords": 6, "norms": 6, "colourings": 6, "tiers": 6, "regions": 6, "thumbnails": 4096,
                "hit_pixels": 4, "mosaics": 8, "head_tables": 8,
-               "head_points": 4, "frames": 6, "index_frames": 2, "tier_frames": 2}
+               "head_points": 4, "frames": 6, "index_frames": 2, "tier_frames": 2,
+               "image_patches": 256}
 
 
 class RunData:

@@ -13,7 +13,7 @@ import pandas as pd
 import panel as pn
 import param
 
-from viz import attention_lines, tokens_layer
+from viz import attention_lines, patches_layer, tokens_layer
 from viz.data import (KEY_COLOUR, MODE_DESCRIPTIONS, QUERY_COLOUR, pick_point, point_info, points_in_box,
                       points_in_lasso, selection_frame)
 from viz.emphasis import StyledRaster, tier_frames
@@ -64,8 +64,10 @@ class HeadView(param.Parameterized):
     lines = param.Boolean(True, doc="the clicked sentence's attention lines")
 
     def __init__(self, state: DashboardState):
-        super().__init__(state=state)
+        image = state.data.run.modality == "image"  # token labels off over image patches, as in AttentionViz
+        super().__init__(state=state, show_tokens=not image)
         self.data = state.data
+        self.image_layout = patches_layer.run_layout(self.data) if image else None
         self.view_range = (None, None, PLOT_W, PLOT_H)
         self._reset_range = True
         self._attention_key, self._attention = None, None
@@ -74,7 +76,10 @@ class HeadView(param.Parameterized):
         raster = hv.DynamicMap(self._raster_element, streams=list(zoom)).opts(hv.opts.RGB(
             width=PLOT_W, height=PLOT_H, tools=["box_select", "lasso_select"], active_tools=["pan", "wheel_zoom"],
             framewise=True, shared_axes=False, xaxis=None, yaxis=None, toolbar="above"))
-        layers = raster * hv.DynamicMap(self._veil) * hv.DynamicMap(self._region_labels, streams=list(zoom)) \
+        under = raster * hv.DynamicMap(self._veil)
+        if self.image_layout is not None:  # each point as its image patch, zoomed in
+            under = under * hv.DynamicMap(self._patches, streams=list(zoom))
+        layers = under * hv.DynamicMap(self._region_labels, streams=list(zoom)) \
             * hv.DynamicMap(self._marks) * hv.DynamicMap(self._hover_mark) \
             * hv.DynamicMap(self._token_labels, streams=list(zoom))
         hv.streams.Tap(source=raster).add_subscriber(self._on_tap)
@@ -94,8 +99,8 @@ class HeadView(param.Parameterized):
         self.lines_w = box(self.param.lines, name="attention lines", width=110, css_classes=["qk-lines-toggle"])
         self.clear_w = pn.widgets.Button(label="clear selection", width=120, css_classes=["qk-clear"])
         self.clear_w.on_click(lambda _: state.clear_selection())
-        state.param.watch(lambda *_: self.load(), ["method", "dim", "layer", "head", "colour"])
-        state.param.watch(lambda _: self.load(keep_range=True), "matches")
+        state.param.watch(lambda *_: self.load(), ["method", "dim", "layer", "head"])
+        state.param.watch(lambda _: self.load(keep_range=True), ["colour", "matches"])  # the zoom stays
         self.param.watch(lambda _: self.load(keep_range=True), "size_by_norm")
         self.load()
 
@@ -195,6 +200,19 @@ class HeadView(param.Parameterized):
         regions = region_frame(self.data, state.method, state.dim, state.layer, state.head)
         return labels_element(visible_labels(regions, *self._shown_range()))
 
+    @param.depends("raster", "state.selected_point")
+    def _patches(self, **_):
+        """An image run's points as their image patches where few are in view (`viz.patches_layer`)."""
+        if self.raster is None or self.state.dim == 3:
+            return patches_layer.patches_element(None)
+        selected, (x_range, y_range, width, height) = self._selected_sentence(), self._shown_range()
+        drawn = patches_layer.patches_rgba(
+            self.raster.coords, self.data.tokens, x_range, y_range, width, height,
+            patches_layer.cached_patches(self.data, self.image_layout), self.image_layout, self.state.colour,
+            self.raster.colouring, sentence=selected[2] if selected else None,
+            most_in_view=self.raster.points.most_in(x_range, y_range))
+        return patches_layer.patches_element(drawn, x_range, y_range, self.state.colour)
+
     @param.depends("raster", "show_tokens", "state.selected_point")
     def _token_labels(self, **_):
         """Token labels where few points are in view, and the clicked sentence's "pos:token"."""
@@ -255,11 +273,12 @@ class HeadView(param.Parameterized):
         point = self._point_at(x, y)
         if point is None or point == self.hover:
             return
-        info = point_info(self.data.tokens, self.data.sequences, point)
+        info = point_info(self.data.tokens, self.data.sequences, point,
+                          norms=self.data.norms(self.state.layer, self.state.head))
         colour = QUERY_COLOUR if info["kind"] == "query" else KEY_COLOUR
         self.hover_pane.object = (
             f'<div><b style="color:{colour}">{html.escape(info["token"])}</b> · {info["kind"]} · '
-            f'{info["position"]} · sequence {info["seq_id"]}<br><span style="color:#555">'
+            f'{info["position"]} · norm {info["norm"]:.3g} · sequence {info["seq_id"]}<br><span style="color:#555">'
             f'{html.escape(info["snippet"])}</span></div>')
         self.hover = point
 

@@ -19,6 +19,7 @@ from bokeh.models import (Button, CheckboxGroup, ColumnDataSource, CustomJS, Hov
                           Segment, TapTool, Text)
 from PIL import Image, ImageDraw
 
+from viz import image_arrows
 from viz.data import KEY_COLOUR, QUERY_COLOUR, SELECTED_COLOUR, point_info
 
 if hv.Store.current_backend not in hv.Store.renderers:
@@ -62,26 +63,35 @@ def sequence_element(tokens: list[str], attention: np.ndarray, selected: int | N
 
 
 def image_heatmap(image, attention_row: np.ndarray | None, grid: int, prefix: int, selected_patch: int | None,
-                  size: int = 320) -> bytes:
-    """PNG: the image as the model saw it, its patch grid, the attention of the selected query
-    over the patches as a heatmap, and the selected patch outlined."""
-    base = image.convert("RGB").resize((size, size))
+                  size: int = 320, kind: str = "query") -> bytes:
+    """PNG, `size` square: the image as the model saw it, its patch grid, the attention of the
+    selected query (`kind` "key": to the selected key) over the patches as a heatmap, the selected
+    patch outlined, arrows for its strongest links and, below the image, the [CLS] indicator
+    (`viz.image_arrows`)."""
+    strip = image_arrows.strip_height(size) if attention_row is not None and grid > 0 else 0
+    side = size - strip
+    base = image.convert("RGB").resize((side, side))
     if attention_row is not None and grid > 0:
         patches = np.asarray(attention_row[prefix:prefix + grid * grid], dtype=np.float64)
         patches = patches / max(patches.max(), 1e-12)
         heat = heat_colours(patches.reshape(grid, grid))
-        heat = Image.fromarray(heat).resize((size, size), Image.NEAREST)
+        heat = Image.fromarray(heat).resize((side, side), Image.NEAREST)
         base = Image.blend(base, heat, 0.6)
     draw = ImageDraw.Draw(base)
-    step = size / max(grid, 1)
+    step = side / max(grid, 1)
     for i in range(1, grid):
-        draw.line([(i * step, 0), (i * step, size)], fill=(255, 255, 255), width=1)
-        draw.line([(0, i * step), (size, i * step)], fill=(255, 255, 255), width=1)
+        draw.line([(i * step, 0), (i * step, side)], fill=(255, 255, 255), width=1)
+        draw.line([(0, i * step), (side, i * step)], fill=(255, 255, 255), width=1)
     if selected_patch is not None and selected_patch >= 0:
         r, c = divmod(selected_patch, grid)
         draw.rectangle([c * step, r * step, (c + 1) * step, (r + 1) * step], outline=(0, 160, 255), width=3)
+    picture = Image.new("RGB", (size, size), "white")
+    picture.paste(base, (strip // 2, 0))
+    if strip:
+        picture = image_arrows.draw_image_marks(picture, attention_row, grid, prefix, selected_patch, kind,
+                                                (strip // 2, 0, side))
     buffer = io.BytesIO()
-    base.save(buffer, format="PNG")
+    picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -294,7 +304,8 @@ class SequenceView:
         if self.image_run:
             patch = info["pos"] - self.prefix if info["pos"] >= self.prefix else None
             row = attention[info["pos"]] if info["kind"] == "query" else attention[:, info["pos"]]
-            self.image_pane.object = image_heatmap(data.image(info["seq_id"]), row, self.grid, self.prefix, patch)
+            self.image_pane.object = image_heatmap(data.image(info["seq_id"]), row, self.grid, self.prefix, patch,
+                                                   kind=info["kind"])
         else:
             self._show_sentence(info, attention)
         self.image_pane.visible, self.sequence_pane.visible = self.image_run, not self.image_run

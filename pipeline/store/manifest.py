@@ -29,6 +29,7 @@ class ModelInfo(BaseModel):
     modality: Literal["text", "image"]
     max_positions: int | None = None
     patch_grid: int | None = None
+    image_size: int | None = None  # image models: pixels per side of the model's input
 
 
 class AttentionRules(BaseModel):

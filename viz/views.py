@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import functools
 import html
-from urllib.parse import quote
+import threading
+from urllib.parse import quote, urlencode
 
 import holoviews as hv
 import panel as pn
+import param
+from panel.custom import JSComponent
 
 from viz.data import RunData, shared_run_data
 from viz.head_view import HeadView
@@ -23,6 +26,54 @@ from viz.similar_view import SimilarView
 from viz.state import HEAD_TAB, HEADS_TAB, IMAGES_TAB, MATRIX_TAB, DashboardState
 
 ZOOM_RETURNS = 1.5  # semantic zoom: a head zoomed out past this many times its extent returns to the matrix
+# keyboard shortcut -> css class of the navigation button it clicks (`Dashboard._navigation`)
+SHORTCUTS = {"ArrowLeft": "qk-prev-head", "ArrowRight": "qk-next-head", "ArrowUp": "qk-prev-layer",
+             "ArrowDown": "qk-next-layer", "r": "qk-reset-zoom", "Escape": "qk-all-heads", "m": "qk-all-heads"}
+KEY_LABELS = {"ArrowLeft": "←", "ArrowRight": "→", "ArrowUp": "↑", "ArrowDown": "↓", "Escape": "Esc"}
+KEYS_HINT = "keys: ← → head · ↑ ↓ layer · r reset zoom · Esc or m all heads"
+
+
+class KeyShortcuts(JSComponent):
+    """The keys hint; in the browser, one document-level keydown listener that clicks the
+    navigation button of the key pressed (`SHORTCUTS`), found by css class through Panel's shadow
+    roots, unless the key is typed into an input, a select or a text area."""
+
+    keys = param.Dict(default=SHORTCUTS)
+    hint = param.String(default=KEYS_HINT)
+
+    _esm = """
+    function find(root, css) {
+      const hit = root.querySelector("." + css);
+      if (hit) return hit;
+      for (const element of root.querySelectorAll("*")) {
+        const inner = element.shadowRoot && find(element.shadowRoot, css);
+        if (inner) return inner;
+      }
+      return null;
+    }
+    function typing(event) {
+      const target = event.composedPath()[0];
+      return !!target && (target.isContentEditable || ["INPUT", "SELECT", "TEXTAREA"].includes(target.tagName));
+    }
+    export function render({ model }) {
+      if (!window.qkKeys) {
+        window.qkKeys = true;
+        document.addEventListener("keydown", (event) => {
+          const css = model.keys[event.key];
+          if (!css || event.repeat || event.ctrlKey || event.metaKey || event.altKey || typing(event)) return;
+          const host = find(document, css);
+          const button = host && ((host.shadowRoot || host).querySelector("button") || host);
+          if (!button) return;
+          event.preventDefault();
+          button.click();
+        });
+      }
+      const hint = document.createElement("span");
+      hint.textContent = model.hint;
+      hint.style.cssText = "font-size:12px;opacity:0.7;white-space:nowrap";
+      return hint;
+    }
+    """
 
 
 def count_html(state: DashboardState) -> str:
@@ -49,7 +100,7 @@ class Dashboard:
     are reachable by name from here (`dash.raster`, `dash.sequence_info`, `dash.selected_point`)."""
 
     def __init__(self, data: RunData, args: dict | None = None):
-        self.data = data
+        self.data, self.args = data, args or {}
         self.state = state = DashboardState(data, args)
         self.atlas = HeadAtlas(state)
         select = pn.widgets.Select.from_param
@@ -70,7 +121,8 @@ class Dashboard:
         if data.run.modality == "image":
             builders[IMAGES_TAB] = lambda: self.images.panel()
             names.append("Images")
-        self.tabs = pn.Tabs(*((name, pn.Column()) for name in names), dynamic=True)
+        self.tabs = pn.Tabs(*((name, pn.Column()) for name in names), dynamic=True, stylesheets=[
+            ".bk-header .bk-tab.bk-active { color: var(--panel-on-background-color); }"])  # readable in dark too
         self.tabs.link(state, active="tab", bidirectional=True)
 
         def fill(tab: int):
@@ -80,21 +132,46 @@ class Dashboard:
         state.param.watch(lambda event: fill(event.new), "tab")
         fill(state.tab)
         self.tabs.active = state.tab
+        state.param.watch(self._warm_norms, ["tab", "layer", "head"])
+        self._warm_norms()
 
     def _navigation(self) -> pn.Row:
-        """Adjacent-head arrows, reset zoom and view all heads (the semantic zoom's buttons)."""
+        """Adjacent-head arrows, reset zoom and view all heads (the semantic zoom's buttons, each
+        also a key: `SHORTCUTS`), and the light / dark theme switch."""
         state = self.state
 
         def button(label: str, css: str, action, width: int = 64):
-            widget = pn.widgets.Button(label=label, width=width, css_classes=[css], margin=(22, 2, 0, 2))
+            keys = " or ".join(KEY_LABELS.get(key, key) for key, target in SHORTCUTS.items() if target == css)
+            widget = pn.widgets.Button(label=label, width=width, css_classes=[css], margin=(22, 2, 0, 2),
+                                       description=f"key: {keys}" if keys else None)
             widget.on_click(lambda _: action())
             return widget
+        dark = pn.config.theme == "dark"
         return pn.Row(button("◀ head", "qk-prev-head", lambda: state.step_head(-1)),
                       button("head ▶", "qk-next-head", lambda: state.step_head(1)),
                       button("▲ layer", "qk-prev-layer", lambda: state.step_layer(-1)),
                       button("layer ▼", "qk-next-layer", lambda: state.step_layer(1)),
                       button("reset zoom", "qk-reset-zoom", self.reset_zoom, 90),
-                      button("view all heads", "qk-all-heads", lambda: setattr(state, "tab", MATRIX_TAB), 110))
+                      button("view all heads", "qk-all-heads", lambda: setattr(state, "tab", MATRIX_TAB), 110),
+                      button("☀ light" if dark else "☾ dark", "qk-theme",
+                             lambda: self.reload(page_query(self.args, state, "default" if dark else "dark")), 80),
+                      KeyShortcuts(margin=(30, 8, 0, 8), css_classes=["qk-keys"]))
+
+    @staticmethod
+    def reload(query: str) -> None:
+        """The browser loads this page again with `query` (the theme is chosen as the page loads)."""
+        location = pn.state.location
+        if location is not None:
+            location.search = query
+            location.reload = True
+
+    def _warm_norms(self, *_) -> None:
+        """The open head's vector norms (the hover card shows them) computed on a thread as the
+        head opens, not on the first hover (a second or so at a million points)."""
+        state = self.state
+        if state.tab == HEAD_TAB:
+            threading.Thread(target=self.data.norms, args=(state.layer, state.head), daemon=True,
+                             name="qkatlas-norms").start()
 
     def reset_zoom(self) -> None:
         """The matrix and the open head back to their full extent (whichever are built)."""
@@ -186,8 +263,23 @@ def app(run, args: dict | None = None):
                             f'one of: {links}</div>')
     name = asked or names[0]
     picker = pn.widgets.Select(label="Run", options=names, value=name, width=240, css_classes=["qk-run-picker"])
-    picker.jscallback(value="window.location.search = '?run=' + encodeURIComponent(cb_obj.value);")
+    picker.jscallback(value="const query = new URLSearchParams({run: cb_obj.value}); const theme = new URLSearchParams("
+                            "window.location.search).get('theme'); if (theme) query.set('theme', theme); "
+                            "window.location.search = '?' + query;")  # the theme stays
     return pn.Column(picker, Dashboard(shared_run_data(run[name]), args).panel(), sizing_mode="stretch_width")
+
+
+def page_query(args: dict, state: DashboardState, theme: str) -> str:
+    """The URL query that reopens this view in `theme` ("dark" or "default"): the page's own
+    arguments (`?run=`) with the state's method, dimensions and colour, its layer and head when a
+    head is open, and `theme=dark` for the dark theme."""
+    query = {name: url_text(value) for name, value in args.items() if name not in ("layer", "head", "theme")}
+    query.update(method=state.method, dim=state.dim, colour=state.colour)
+    if state.tab == HEAD_TAB:
+        query.update(layer=state.layer, head=state.head)
+    if theme == "dark":
+        query["theme"] = "dark"
+    return "?" + urlencode({name: value for name, value in query.items() if value is not None})
 
 
 def url_text(raw) -> str | None:

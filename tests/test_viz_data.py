@@ -180,3 +180,21 @@ def test_serve_refuses_a_run_without_projections(tiny_models, text_file, tmp_pat
     with pytest.raises(ServeError, match="not a qkatlas run"):
         check_run(str(tmp_path))
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+
+
+def test_datashader_categories_do_not_depend_on_a_heads_labels(text_run):  # noqa: F811
+    """The norm mode's legend differs by head, its datashader categories do not (datashader
+    compiles once per category list); the warm-up draws every pipeline the views run."""
+    from viz.data import shared_run_data
+    from viz.emphasis import warm_renderers
+    from viz.raster import point_frame
+
+    tokens = pd.DataFrame({"token": ["a", "b", "c"], "pos_norm": [0.0, 0.5, 1.0]})
+    small, large = colouring("norm", tokens, np.arange(6.0)), colouring("norm", tokens, 100 + 10 * np.arange(6.0))
+    assert small.labels != large.labels and small.categories == large.categories
+    coords = np.zeros((6, 2), np.float32)
+    assert list(point_frame(coords, small)["c"].cat.categories) == list(point_frame(coords, large)["c"].cat.categories)
+    assert set(small.colour_key) == set(small.categories)
+    from pipeline.store import open_run
+
+    assert warm_renderers(shared_run_data(open_run(text_run))) >= 3 * 4

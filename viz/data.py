@@ -66,8 +66,16 @@ class Colouring:
     colours: list[str]
 
     @property
+    def categories(self) -> list[str]:
+        """Each code's category in datashader's frames: "0", "1", ..., not the labels, which in
+        some modes differ from head to head: datashader compiles its aggregation once per list
+        of categories (a second or so, in the middle of a user's click)."""
+        return [str(code) for code in range(len(self.labels))]
+
+    @property
     def colour_key(self) -> dict[str, str]:
-        return dict(zip(self.labels, self.colours))
+        """Category -> colour, for `datashader.transfer_functions.shade`."""
+        return dict(zip(self.categories, self.colours))
 
     def point_colours(self, index: np.ndarray) -> np.ndarray:
         return np.asarray(self.colours, dtype=object)[self.codes[index]]

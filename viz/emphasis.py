@@ -40,7 +40,7 @@ def dilate(agg, px: int):
 
 
 def _subset_frame(coords: np.ndarray, colouring: Colouring, points: np.ndarray) -> pd.DataFrame:
-    categories = pd.Categorical.from_codes(colouring.codes[points].astype(np.int16), categories=colouring.labels,
+    categories = pd.Categorical.from_codes(colouring.codes[points].astype(np.int16), categories=colouring.categories,
                                            validate=False)
     return pd.DataFrame({"x": coords[points, 0], "y": coords[points, 1], "c": categories})
 
@@ -98,6 +98,34 @@ class StyledRaster(HeadRaster):
                            min_alpha=255)
         fill = tf.shade(dilate(hits, HIT_PX), color_key=key, how="linear", min_alpha=255)
         return tf.stack(image, outline, fill)
+
+
+def warm_renderers(data, sample: int = 64) -> int:
+    """Have numba compile every datashader pipeline the dashboard runs (each colour mode's number
+    of categories, sized dots, search hits, the hover index, thumbnails) on `sample` points of a
+    head, so that no user waits for a compile; returns the pipelines drawn. Run by the server
+    at start, beside its other warm-up."""
+    from viz.data import N_BINS, colour_modes
+    from viz.raster import shade_thumbnail
+
+    method = data.methods[0]
+    dim = data.dims(method)[0]
+    layer, head = min(data.available[(method, dim)])
+    coords = np.ascontiguousarray(data.coords(method, dim, layer, head)[:sample, :2])
+    sizes = {}
+    for mode in colour_modes(data.run.modality):
+        colours = data.colouring(mode, layer, head).colours if mode != "norm" else ["#000000"] * N_BINS
+        sizes.setdefault(len(colours), colours)
+    codes = np.arange(len(coords))
+    for colours in sizes.values():
+        colouring = Colouring((codes % len(colours)).astype(np.uint8), [str(c) for c in range(len(colours))],
+                              colours)
+        for raster in (StyledRaster(coords, colouring), StyledRaster(coords, colouring, hits=codes[:2], fade=True),
+                       StyledRaster(coords, colouring, tiers=(codes % 3).astype(np.uint8))):
+            raster.element(None, None, 32, 32)
+        shade_thumbnail(coords, colouring, 16)
+    StyledRaster(coords, colouring).index_raster(None, None, 32, 32)
+    return 3 * len(sizes) + 1
 
 
 # --- matrix thumbnails -------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The Head tab's projection of one head, rasterized by datashader at every zoom and pan, with
 region and token labels, the clicked sentence's attention lines, hover, click, box and lasso
-selection (3-D: a plotly sample). It follows the session's state and its own parameters (the
-raster, the hovered point, the check boxes) through `param.depends`."""
+selection (3-D: a plotly sample). Its layers follow the session's state and its own parameters
+(the raster, the hovered point, the check boxes) through shared `hv.streams.Params` streams."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from viz.state import DashboardState
 
 PLOT_W, PLOT_H = 640, 560
 SAMPLE_3D = 20_000
+LOD_TIMEOUT_MS = 100  # the browser asks for the redraw this long after a zoom or pan stops (Bokeh: 500)
 
 
 def legend_html(colouring, description: str | None = None, notes: tuple[str, ...] = ()) -> str:
@@ -72,16 +73,24 @@ class HeadView(param.Parameterized):
         self._reset_range = True
         self._attention_key, self._attention = None, None
         self.range_stream, self.size_stream = hv.streams.RangeXY(), hv.streams.PlotSize()
+        # One stream object per input, shared by every layer that reads it: a change (a new raster,
+        # a click) then refreshes the plot once, not once per layer (~60 ms each at any size).
         zoom = [self.range_stream, self.size_stream]
-        raster = hv.DynamicMap(self._raster_element, streams=list(zoom)).opts(hv.opts.RGB(
+        opened = hv.streams.Params(self, ["raster"])
+        clicked = hv.streams.Params(state, ["selected_point"])
+        hovered = hv.streams.Params(self, ["hover"])
+        toggles = hv.streams.Params(self, ["show_regions", "show_tokens", "lines"])
+        raster = hv.DynamicMap(self._raster_element, streams=[*zoom, opened]).opts(hv.opts.RGB(
             width=PLOT_W, height=PLOT_H, tools=["box_select", "lasso_select"], active_tools=["pan", "wheel_zoom"],
-            framewise=True, shared_axes=False, xaxis=None, yaxis=None, toolbar="above"))
-        under = raster * hv.DynamicMap(self._veil)
+            framewise=True, shared_axes=False, xaxis=None, yaxis=None, toolbar="above",
+            lod={"factor": 10, "interval": 300, "threshold": 2000, "timeout": LOD_TIMEOUT_MS}))
+        under = raster * hv.DynamicMap(self._veil, streams=[opened, clicked])
         if self.image_layout is not None:  # each point as its image patch, zoomed in
-            under = under * hv.DynamicMap(self._patches, streams=list(zoom))
-        layers = under * hv.DynamicMap(self._region_labels, streams=list(zoom)) \
-            * hv.DynamicMap(self._marks) * hv.DynamicMap(self._hover_mark) \
-            * hv.DynamicMap(self._token_labels, streams=list(zoom))
+            under = under * hv.DynamicMap(self._patches, streams=[*zoom, opened, clicked])
+        layers = under * hv.DynamicMap(self._region_labels, streams=[*zoom, opened, toggles]) \
+            * hv.DynamicMap(self._marks, streams=[opened, clicked, toggles]) \
+            * hv.DynamicMap(self._hover_mark, streams=[opened, hovered]) \
+            * hv.DynamicMap(self._token_labels, streams=[*zoom, opened, clicked, toggles])
         hv.streams.Tap(source=raster).add_subscriber(self._on_tap)
         hv.streams.PointerXY(source=raster).add_subscriber(self._on_pointer)
         hv.streams.BoundsXY(source=raster).add_subscriber(lambda bounds=None, **_: self._on_select(box=bounds))
@@ -140,16 +149,14 @@ class HeadView(param.Parameterized):
         self._reset_range = self._reset_range or not keep_range
         self.raster = StyledRaster(coords, colouring, highlight, tiers, points=points, frame=frame)
 
-    @param.depends("raster", "state.selected_point")
-    def _veil(self):
+    def _veil(self, **_):
         """The rest of the points fade under a clicked sentence: a white veil over the raster
         (drawing it again would cost a click the raster's time)."""
         shown = self.raster is not None and self.state.dim != 3 and self.state.selected_point is not None
         return attention_lines.veil_element((self.raster.x_full[0], self.raster.y_full[0], self.raster.x_full[1],
                                              self.raster.y_full[1]) if shown else None)
 
-    @param.depends("raster", "hover")
-    def _hover_mark(self):
+    def _hover_mark(self, **_):
         if self.raster is None or self.state.dim == 3 or self.hover is None:
             return attention_lines.hover_element(np.zeros((0, 2)), None)
         return attention_lines.hover_element(self.raster.coords, (self.hover, str(
@@ -174,7 +181,6 @@ class HeadView(param.Parameterized):
         return figure
 
     # the raster and what is drawn over it ---------------------------------------------------
-    @param.depends("raster")
     def _raster_element(self, x_range=None, y_range=None, width=None, height=None, **_):
         if self.raster is None or self.state.dim == 3:
             return hv.RGB(np.zeros((2, 2, 4), dtype=np.uint8))
@@ -190,7 +196,6 @@ class HeadView(param.Parameterized):
         x_range, y_range, width, height = self.view_range
         return x_range or self.raster.x_full, y_range or self.raster.y_full, width, height
 
-    @param.depends("raster", "show_regions")
     def _region_labels(self, **_):
         """The names of the head's regions in the raster's current range (`viz.labels`)."""
         state = self.state
@@ -200,7 +205,6 @@ class HeadView(param.Parameterized):
         regions = region_frame(self.data, state.method, state.dim, state.layer, state.head)
         return labels_element(visible_labels(regions, *self._shown_range()))
 
-    @param.depends("raster", "state.selected_point")
     def _patches(self, **_):
         """An image run's points as their image patches where few are in view (`viz.patches_layer`)."""
         if self.raster is None or self.state.dim == 3:
@@ -213,7 +217,6 @@ class HeadView(param.Parameterized):
             most_in_view=self.raster.points.most_in(x_range, y_range))
         return patches_layer.patches_element(drawn, x_range, y_range, self.state.colour)
 
-    @param.depends("raster", "show_tokens", "state.selected_point")
     def _token_labels(self, **_):
         """Token labels where few points are in view, and the clicked sentence's "pos:token"."""
         if self.raster is None or self.state.dim == 3:
@@ -224,8 +227,7 @@ class HeadView(param.Parameterized):
             self.raster.coords, self.data.tokens, *shown, sentence=selected[2] if selected else None,
             show_tokens=self.show_tokens, most_in_view=self.raster.points.most_in(*shown[:2])))
 
-    @param.depends("raster", "lines", "state.selected_point")
-    def _marks(self):
+    def _marks(self, **_):
         """Overlay on the projection (`viz.attention_lines`): the clicked point, its sentence's
         queries and keys, with the "attention lines" box every query's top 2 keys (weight >= 0.05,
         opacity = weight), and the clicked point's own strongest links (a query's top keys, or

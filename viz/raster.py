@@ -66,7 +66,7 @@ def head_points(coords: np.ndarray) -> HeadPoints:
 
 def point_frame(coords: np.ndarray, colouring: Colouring, points: HeadPoints | None = None) -> pd.DataFrame:
     """x, y and the colour category of every point; `points`' x and y where given (no copy)."""
-    categories = pd.Categorical.from_codes(colouring.codes.astype(np.int16), categories=colouring.labels,
+    categories = pd.Categorical.from_codes(colouring.codes.astype(np.int16), categories=colouring.categories,
                                            validate=False)
     x = points.frame["x"].to_numpy() if points is not None else np.ascontiguousarray(coords[:, 0])
     y = points.frame["y"].to_numpy() if points is not None else np.ascontiguousarray(coords[:, 1])

@@ -298,11 +298,14 @@ def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str 
 
 
 def warm_up(data) -> None:
-    """Build what sessions share before the first one asks: the matrix every session opens on,
-    the search index and the head similarity; a failure is left to the view that needs them."""
+    """Build what sessions share before the first one asks: datashader's compiled pipelines, the
+    matrix every session opens on, the search index and the head similarity; a failure is left
+    to the view that needs them."""
+    from viz.emphasis import warm_renderers
     from viz.matrix_view import shared_mosaic
 
     try:
+        warm_renderers(data)
         shared_mosaic(data, data.methods[0], data.dims(data.methods[0])[0], "query / key", "", None)
         _ = data.vocabulary
         data.head_similarity()

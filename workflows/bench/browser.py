@@ -132,7 +132,11 @@ def serve(port: int, source: str, timings: str) -> None:
         run = MappedSyntheticRun(int(n_tokens), folder)
     else:
         run = open_run(source)
-    _ = shared_run_data(run).vocabulary  # the token index, as the server's warm-up builds it
+    from viz.emphasis import warm_renderers
+
+    data = shared_run_data(run)
+    _ = data.vocabulary  # the token index and the compiled datashader pipelines, as the server's warm-up builds them
+    warm_renderers(data)
     server = make_server(run, port=port, warm=False)
     print("ready", flush=True)
     server.start()

@@ -55,31 +55,23 @@ def test_the_buttons_the_keys_click_step_heads_and_layers(data):
     assert state.tab == MATRIX_TAB
 
 
-def test_hover_card_shows_the_open_heads_vector_norm(data):
+def test_hover_card_shows_the_hovered_vectors_norm_without_reading_the_head(data):
+    """The norm comes from the one vector hovered (a read of one chunk), or from the head's norms
+    once a colour mode has computed them: both equal the stored vector's norm."""
     from viz.data import point_info
 
     n = data.n
     queries, keys = data.run.queries(1, 2), data.run.keys(1, 2)
-    norms = data.norms(1, 2)
-    assert norms.shape == (2 * n,)
-    for point, vector in ((5, queries[5]), (n + 7, keys[7])):
-        info = point_info(data.tokens, data.sequences, point, norms=norms)
-        assert info["norm"] == pytest.approx(float(np.linalg.norm(vector)), rel=1e-5)
+    for point, vector in ((5, queries[5]), (n + 7, keys[7]), (2 * n - 1, keys[n - 1])):
+        expected = float(np.linalg.norm(vector))
+        assert data.point_norm(1, 2, point) == pytest.approx(expected, rel=1e-5)
+        assert (1, 2) not in data._caches["norms"], "a hover read the whole head"
+        info = point_info(data.tokens, data.sequences, point, norm=data.point_norm(1, 2, point))
+        assert info["norm"] == pytest.approx(expected, rel=1e-5)
         assert info["kind"] == ("query" if point < n else "key")
+    norms = data.norms(1, 2)
+    assert data.point_norm(1, 2, n + 7) == pytest.approx(float(norms[n + 7]))
     assert "norm" not in point_info(data.tokens, None, 5)
-
-
-def test_opening_a_head_computes_its_norms_before_the_first_hover(data):
-    import time
-
-    from viz.views import Dashboard
-
-    dashboard = Dashboard(data)
-    dashboard.state.open_head(1, 3)
-    deadline = time.time() + 10
-    while (1, 3) not in data._caches["norms"] and time.time() < deadline:
-        time.sleep(0.05)
-    assert (1, 3) in data._caches["norms"]
 
 
 def test_hover_card_html_names_the_norm(data):

@@ -183,6 +183,14 @@ def test_kill_and_resume_equals_uninterrupted(tiny_models, corpus, tmp_path):
     projections_3 = markers(resumed, "projections")
     assert {name: projections_3[name] for name in projections_2} == projections_2, "a projection was redone"
     assert_same_store(reference, resumed)
+    from pipeline.store import open_run
+
+    run = open_run(str(resumed))
+    assert len(run.parts) == SHARDS
+    queries, keys = run.queries(1, 2), run.keys(1, 2)
+    for token in (0, run.parts["part-00000"]["n_tokens"], run.n_tokens - 1):  # one vector, across part boundaries
+        np.testing.assert_array_equal(run.vector("q", 1, 2, token), queries[token])
+        np.testing.assert_array_equal(run.vector("k", 1, 2, token), keys[token])
 
     # 4. a complete run: a quick no-op (no cluster is started)
     began = time.monotonic()

@@ -295,9 +295,9 @@ def search_tokens(tokens: pd.DataFrame, query: str, vocabulary: TokenVocabulary 
 
 
 def point_info(tokens: pd.DataFrame, sequences: pd.DataFrame | None, point: int, snippet_width: int = 6,
-               norms: np.ndarray | None = None) -> dict:
-    """What the hover card shows for point `point` (queries first, then keys); with the open
-    head's `norms` ([2 * n_tokens], `RunData.norms`), the length of the point's vector too."""
+               norm: float | None = None) -> dict:
+    """What the hover card shows for point `point` (queries first, then keys); `norm`: the length
+    of the point's vector (`RunData.point_norm`), shown when given."""
     n = len(tokens)
     row = tokens.iloc[point % n]
     info = {"point": int(point), "token_index": int(point % n), "kind": "query" if point < n else "key",
@@ -308,8 +308,8 @@ def point_info(tokens: pd.DataFrame, sequences: pd.DataFrame | None, point: int,
     words = tokens["token"].iloc[start + lo:start + hi].astype(str).tolist()
     words[int(row["pos"]) - lo] = f"[{words[int(row['pos']) - lo]}]"
     info["snippet"] = ("… " if lo > 0 else "") + " ".join(words) + (" …" if hi < int(row["seq_len"]) else "")
-    if norms is not None:
-        info["norm"] = float(norms[point])
+    if norm is not None:
+        info["norm"] = float(norm)
     return info
 
 
@@ -514,6 +514,16 @@ class RunData:
             k = np.linalg.norm(self.run.keys(layer, head), axis=1)
             return np.concatenate([q, k]).astype(np.float32)
         return self.cached("norms", (layer, head), make)
+
+    def point_norm(self, layer: int, head: int, point: int) -> float:
+        """The norm of point `point`'s vector (queries first, then keys): from the head's norms
+        when a colour mode has computed them, else from that one vector (a hover must not read
+        a whole head)."""
+        with self._lock:
+            norms = self._caches["norms"].get((layer, head))
+        if norms is not None:
+            return float(norms[point])
+        return float(np.linalg.norm(self.run.vector("q" if point < self.n else "k", layer, head, point % self.n)))
 
     def colouring(self, mode: str, layer: int, head: int) -> Colouring:
         head_specific = mode == "norm"

@@ -276,7 +276,7 @@ class HeadView(param.Parameterized):
         if point is None or point == self.hover:
             return
         info = point_info(self.data.tokens, self.data.sequences, point,
-                          norms=self.data.norms(self.state.layer, self.state.head))
+                          norm=self.data.point_norm(self.state.layer, self.state.head, point))
         colour = QUERY_COLOUR if info["kind"] == "query" else KEY_COLOUR
         self.hover_pane.object = (
             f'<div><b style="color:{colour}">{html.escape(info["token"])}</b> · {info["kind"]} · '

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import html
-import threading
 from urllib.parse import quote, urlencode
 
 import holoviews as hv
@@ -132,8 +131,6 @@ class Dashboard:
         state.param.watch(lambda event: fill(event.new), "tab")
         fill(state.tab)
         self.tabs.active = state.tab
-        state.param.watch(self._warm_norms, ["tab", "layer", "head"])
-        self._warm_norms()
 
     def _navigation(self) -> pn.Row:
         """Adjacent-head arrows, reset zoom and view all heads (the semantic zoom's buttons, each
@@ -164,14 +161,6 @@ class Dashboard:
         if location is not None:
             location.search = query
             location.reload = True
-
-    def _warm_norms(self, *_) -> None:
-        """The open head's vector norms (the hover card shows them) computed on a thread as the
-        head opens, not on the first hover (a second or so at a million points)."""
-        state = self.state
-        if state.tab == HEAD_TAB:
-            threading.Thread(target=self.data.norms, args=(state.layer, state.head), daemon=True,
-                             name="qkatlas-norms").start()
 
     def reset_zoom(self) -> None:
         """The matrix and the open head back to their full extent (whichever are built)."""

@@ -163,6 +163,20 @@ class Run:
         """The keys query head `head` reads (its key/value head), [n_tokens, d_head] float32."""
         return self._vectors("k", layer, self.kv_head_of_q[self._head(head)])
 
+    def vector(self, kind: str, layer: int, head: int, token: int) -> np.ndarray:
+        """One token's "q", "k" or "v" vector as query head `head` reads it, [d_head] float32:
+        a read of one chunk, for a hover card, where the whole head's vectors are not needed."""
+        if kind == "v":
+            self._check_values()
+        if not 0 <= token < self.n_tokens:
+            raise IndexError(f"token {token} outside 0..{self.n_tokens - 1}")
+        stored_head = self._head(head) if kind == "q" else self.kv_head_of_q[self._head(head)]
+        for part, record in self.parts.items():
+            if token < record["n_tokens"]:
+                return self._part_vectors(part, kind, layer, stored_head, token, token + 1)[0].astype(np.float32)
+            token -= record["n_tokens"]
+        raise AssertionError("the parts hold n_tokens tokens")
+
     @property
     def has_values(self) -> bool:
         """Whether the run stores value vectors (extracted with `--values`)."""

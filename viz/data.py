@@ -448,7 +448,8 @@ def url_state(args: dict, choices: dict[str, list]) -> dict:
 
 # entries kept per cache: a head's arrays or thumbnail; every colour mode's colouring (the server's warm-up
 # computes them all, up to a second each at 10 M points: none may be evicted before a user switches to it);
-# a search's hit pixels in every head; a whole mosaic; the open heads' datashader frames (`viz.head_view.shared_points`), one copy per server for every session;
+# a search's hit pixels in every head; a whole mosaic; the open heads' datashader frames
+# (`viz.head_view.shared_points`), one copy per server for every session;
 # an image's patches as the model saw them (`viz.patches_layer`)
 CACHE_SIZES = {"coords": 6, "norms": 6, "colourings": 16, "tiers": 6, "regions": 6, "thumbnails": 4096,
                "hit_pixels": 4, "mosaics": 8, "head_tables": 8,

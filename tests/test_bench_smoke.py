@@ -54,3 +54,6 @@ def test_the_dashboard_opens_a_head_of_the_benchmarks_synthetic_run():
     dashboard._head_tab()
     dashboard.head.load()
     assert dashboard.head.raster is not None and len(dashboard.head.raster.coords) == 4_000
+    dashboard.state.selected_point = 7  # a click: the sequence view and the attention lines read the run
+    assert "in sequence" in dashboard.sequence.sequence_info.object
+    assert len(dashboard.head._marks().Segments.I.data) > 0

@@ -161,7 +161,7 @@ class SyntheticRun:
     def vector(self, kind, layer, head, token):
         return np.random.default_rng((head, token)).normal(size=self.d_head).astype(np.float32)
 
-    def attention(self, seq_id, layer, head):
+    def attention(self, seq_id, layer, head, weighting="attention"):
         n = int(self._sequences["n_tokens"].iloc[0])
         logits = np.random.default_rng(seq_id * 31 + layer * 7 + head).normal(size=(n, n))
         weights = np.exp(logits)

@@ -57,3 +57,11 @@ def test_the_dashboard_opens_a_head_of_the_benchmarks_synthetic_run():
     dashboard.state.selected_point = 7  # a click: the sequence view and the attention lines read the run
     assert "in sequence" in dashboard.sequence.sequence_info.object
     assert len(dashboard.head._marks().Segments.I.data) > 0
+
+
+def test_bench_browser_counts_the_servers_busy_time_once_where_its_work_overlaps():
+    from workflows.bench.browser import _covered
+
+    assert _covered([]) == 0.0
+    assert _covered([(0.0, 1.0), (0.5, 1.5), (2.0, 2.25)]) == 1.75  # overlap counted once, gaps not at all
+    assert _covered([(0.0, 3.0), (1.0, 2.0)]) == 3.0  # a span nested in another

@@ -3,7 +3,8 @@
 A server process (`make_server`) over a synthetic run of N points per head (`workflows.bench.serve.SyntheticRun`,
 its layouts written once to .npy files and memory-mapped, as a store's arrays would be read) or
 over a real run, is driven by Playwright in Debian's Chromium, as tests/test_browser*.py do:
-opening a head, changing the colour mode, zooming, searching, hovering and clicking. Each
+opening a head, changing the colour mode, zooming, searching, hovering, clicking (the sequence view
+and the attention lines) and the semantic zoom from the matrix into a head. Each
 interaction's latency is measured server-side: the server process records (`install_timing`)
 when each Bokeh message arrives, when each reply frame is written out and when each view
 callback starts and ends, and an interaction counts from its first message to the end of its
@@ -30,7 +31,15 @@ import numpy as np
 CHROMIUM = os.environ.get("QKATLAS_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run", "--disable-quic", "--disable-sync"]
-GOALS = {"open head": 2.0, "colour": 0.3, "zoom": 0.3, "search": 0.3, "hover": 0.15, "click": 0.15}
+GOALS = {"open head": 2.0, "colour": 0.3, "zoom": 0.3, "search": 0.3, "hover": 0.15, "click": 0.15,
+         "semantic zoom": 0.3}
+# what the matrix's wheel handler sends once zoomed past the threshold (`viz.matrix_view.SEMANTIC_ZOOM_JS`)
+SEMANTIC_ZOOM = """([x, y]) => {
+  for (const doc of window.Bokeh.documents)
+    for (const model of doc.all_models)
+      if (model.name === 'qk-matrix-zoom') { model.data = {x: [x], y: [y]}; return true; }
+  return false;
+}"""
 QUIET = 0.6  # seconds without a reply after which an interaction is over
 
 
@@ -101,6 +110,11 @@ def time_view_callbacks(record) -> None:
         timed(HeadView, name)
     for name in ("_find", "_forget_clicks"):
         timed(DashboardState, name)
+    from bokeh.document.models import DocumentModelManager
+    from holoviews.plotting.plot import Plot
+
+    timed(Plot, "refresh")  # HoloViews redrawing a plot after a stream event, outside the view callbacks
+    timed(DocumentModelManager, "recompute")
 
 
 class MappedSyntheticRun:
@@ -161,9 +175,12 @@ class Timings:
         self.events += [json.loads(line) for line in complete.splitlines() if line]
         return self.events
 
-    def settle(self, since: float, timeout: float = 30.0) -> float | None:
-        """Seconds from the first message that arrived after `since` to the last reply written
-        before the server went quiet; None if nothing was answered within `timeout`."""
+    def settle(self, since: float, timeout: float = 30.0) -> tuple[float, float] | None:
+        """(span, busy) of the interaction begun after `since`: seconds from the first message
+        that arrived to the last reply written before the server went quiet, and of those the
+        seconds the server was working (handling a message or running a callback or a plot
+        refresh), not waiting for the browser's next message; None if nothing was answered
+        within `timeout`."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             time.sleep(0.1)
@@ -173,7 +190,8 @@ class Timings:
                     and e["t"] >= first]
             last = max([e.get("done", e["t"]) for e in events], default=since)
             if ends and time.time() - last > QUIET:
-                return max(ends) - first
+                work = sorted((e["t"], e["done"]) for e in events if e["kind"] in ("in", "span") and e["t"] >= first)
+                return max(ends) - first, _covered(work)
         return None
 
     def page(self, since: float) -> float:
@@ -217,6 +235,16 @@ class Server:
         self.process.wait(30)
 
 
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of sorted (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in intervals:
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def percentiles(values: list[float]) -> tuple[float, float, int]:
     from workflows.bench.serve import percentile
 
@@ -229,22 +257,22 @@ def _select(page, has_text: str):
 
 
 def drive(server: Server, page, head_query: str, heads: list[str], words: list[str], colours: list[str],
-          repeats: int) -> dict[str, list[float]]:
-    """Every interaction `repeats` times in one browser page; server-side seconds per interaction."""
+          repeats: int) -> dict[str, list[tuple]]:
+    """Every interaction `repeats` times in one browser page; server-side (span, busy) seconds of each."""
     rng = np.random.default_rng(0)
-    seconds: dict[str, list[float]] = {name: [] for name in GOALS}
+    seconds: dict[str, list[tuple]] = {name: [] for name in GOALS}  # (span, busy) per repeat
 
     def timed(name: str, action) -> None:
         since = time.time()
         action()
-        seconds[name].append(server.timings.settle(since))
+        seconds[name].append(server.timings.settle(since) or (None, None))
 
     for query in heads[:repeats] if len(heads) > 1 else [head_query] * repeats:
         since = time.time()
         page.goto(server.url(query), wait_until="networkidle", timeout=300_000)
         page.locator(".qk-head-plot").first.wait_for(state="visible", timeout=300_000)
         page.wait_for_timeout(int(QUIET * 1000) + 200)
-        seconds["open head"].append(server.timings.page(since))
+        seconds["open head"].append((server.timings.page(since),) * 2)
     plot = page.locator(".qk-head-plot").first
     box = plot.bounding_box()
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
@@ -267,6 +295,13 @@ def drive(server: Server, page, head_query: str, heads: list[str], words: list[s
         page.mouse.move(x, y)
         server.timings.settle(time.time(), timeout=2)
         timed("click", lambda x=x, y=y: page.mouse.click(x, y))
+    matrix = page.locator(".qk-matrix").first
+    for i in range(repeats):  # the matrix zoomed into a head: the request its wheel handler sends, answered
+        page.locator(".qk-all-heads button").first.click()
+        matrix.wait_for(state="visible", timeout=300_000)
+        server.timings.settle(time.time(), timeout=60)
+        cell = (i % 4 + 0.5, (i // 4) % 2 + 0.5)
+        timed("semantic zoom", lambda cell=cell: page.evaluate(SEMANTIC_ZOOM, list(cell)))
     return seconds
 
 
@@ -296,10 +331,14 @@ def bench_case(name: str, source: str, head_query: str, heads: list[str], words:
         server.stop()
     say(f"[bold]{name}[/]: the server's first page on the head (reads it, builds its shared frames) "
         f"{rss['first_open']:.2f} s")
+    say("  (busy: the server's own work on the interaction; span: from its first message to its last reply,\n"
+        "   including waits for the browser's next message; the goal is judged on busy)")
     for interaction, goal in GOALS.items():
-        p50, p95, n = percentiles(seconds[interaction])
-        say(f"  {interaction:<10} p50 {p50 * 1000:>7.0f} ms  p95 {p95 * 1000:>7.0f} ms  (n={n})  goal p95 <= "
-            f"{goal * 1000:.0f} ms: {'met' if p95 <= goal else 'MISSED'}")
+        span50, span95, _ = percentiles([span for span, _ in seconds[interaction]])
+        p50, p95, n = percentiles([busy for _, busy in seconds[interaction]])
+        say(f"  {interaction:<13} busy p50 {p50 * 1000:>6.0f} ms  p95 {p95 * 1000:>6.0f} ms   span p50 "
+            f"{span50 * 1000:>6.0f} p95 {span95 * 1000:>6.0f} ms  (n={n})  goal p95 <= {goal * 1000:.0f} ms: "
+            f"{'met' if p95 <= goal else 'MISSED'}")
     say(f"  RSS: {rss['before']:,.0f} MB before any session; {rss['one']:,.0f} MB with 1 session on the head "
         f"(+{rss['one'] - rss['before']:,.0f} MB: the head and one session); {rss['many']:,.0f} MB with {sessions} "
         f"(+{rss['per_session']:,.1f} MB a session)")

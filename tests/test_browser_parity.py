@@ -309,3 +309,26 @@ def test_value_norm_weighting_in_the_sentence_view(browser, server, text_run):  
     settle(page)
     shot(page, "parity-15-value-weighted", page.locator(".qk-sentence-plot").first)
     no_errors(errors)
+
+
+RANGES = """() => { const out = [];
+  for (const doc of window.Bokeh.documents) for (const model of doc.all_models)
+    if (model.type === 'Range1d') out.push(model.end - model.start);
+  return out; }"""
+
+
+def test_zooming_in_without_end_stops_at_a_millionth_of_the_head(browser, server):  # noqa: F811
+    """A wheel held down used to shrink the head's ranges to nothing, then NaN, and the view broke."""
+    page, errors, plot = open_head(browser, server)
+    box = plot.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    widths = page.evaluate(RANGES)
+    for _ in range(40):
+        page.mouse.wheel(0, -600)
+    settle(page, 1500)
+    zoomed = page.evaluate(RANGES)
+    assert all(np.isfinite(width) and width > 0 for width in zoomed), zoomed
+    assert min(zoomed) < 1e-3 * max(widths)
+    page.locator(".qk-reset-zoom button").first.click()
+    assert wait_until(page, lambda: max(page.evaluate(RANGES)) >= 0.5 * max(widths))
+    no_errors(errors)

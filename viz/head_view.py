@@ -23,6 +23,7 @@ from viz.state import DashboardState
 
 PLOT_W, PLOT_H = 640, 560
 SAMPLE_3D = 20_000
+MIN_ZOOM = 1e-6  # the narrowest view, as a share of the head's extent
 LOD_TIMEOUT_MS = 100  # the browser asks for the redraw this long after a zoom or pan stops (Bokeh: 500)
 
 
@@ -83,7 +84,8 @@ class HeadView(param.Parameterized):
         raster = hv.DynamicMap(self._raster_element, streams=[*zoom, opened]).opts(hv.opts.RGB(
             width=PLOT_W, height=PLOT_H, tools=["box_select", "lasso_select"], active_tools=["pan", "wheel_zoom"],
             framewise=True, shared_axes=False, xaxis=None, yaxis=None, toolbar="above",
-            lod={"factor": 10, "interval": 300, "threshold": 2000, "timeout": LOD_TIMEOUT_MS}))
+            lod={"factor": 10, "interval": 300, "threshold": 2000, "timeout": LOD_TIMEOUT_MS},
+            hooks=[self._limit_zoom]))
         under = raster * hv.DynamicMap(self._veil, streams=[opened, clicked])
         if self.image_layout is not None:  # each point as its image patch, zoomed in
             under = under * hv.DynamicMap(self._patches, streams=[*zoom, opened, clicked])
@@ -191,6 +193,15 @@ class HeadView(param.Parameterized):
         width, height = int(width or PLOT_W), int(height or PLOT_H)
         self.view_range = (x_range, y_range, width, height)
         return self.raster.element(x_range, y_range, width, height)
+
+    def _limit_zoom(self, plot, _element) -> None:
+        """Zooming in stops at a millionth of the head's extent: a wheel held down would otherwise
+        shrink the ranges to nothing, then NaN, and the view with them."""
+        if self.raster is None:
+            return
+        for axis, (lo, hi) in ((plot.state.x_range, self.raster.x_full), (plot.state.y_range, self.raster.y_full)):
+            if hasattr(axis, "min_interval"):
+                axis.min_interval = (hi - lo) * MIN_ZOOM
 
     def _shown_range(self):
         x_range, y_range, width, height = self.view_range

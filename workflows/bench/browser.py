@@ -3,8 +3,9 @@
 A server process (`make_server`) over a synthetic run of N points per head (`workflows.bench.serve.SyntheticRun`,
 its layouts written once to .npy files and memory-mapped, as a store's arrays would be read) or
 over a real run, is driven by Playwright in Debian's Chromium, as tests/test_browser*.py do:
-opening a head, changing the colour mode, zooming, searching, hovering, clicking (the sequence view
-and the attention lines) and the semantic zoom from the matrix into a head. Each
+opening a head, changing the colour mode, zooming, zooming in until token labels appear, searching,
+hovering, clicking (the sequence view and the attention lines) and the semantic zoom from the
+matrix into a head. Each
 interaction's latency is measured server-side: the server process records (`install_timing`)
 when each Bokeh message arrives, when each reply frame is written out and when each view
 callback starts and ends, and an interaction counts from its first message to the end of its
@@ -31,8 +32,14 @@ import numpy as np
 CHROMIUM = os.environ.get("QKATLAS_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--no-first-run", "--disable-quic", "--disable-sync"]
-GOALS = {"open head": 2.0, "colour": 0.3, "zoom": 0.3, "search": 0.3, "hover": 0.15, "click": 0.15,
+GOALS = {"open head": 2.0, "colour": 0.3, "zoom": 0.3, "labels": 0.3, "search": 0.3, "hover": 0.15, "click": 0.15,
          "semantic zoom": 0.3}
+LABELS = """() => {
+  for (const doc of window.Bokeh.documents)
+    for (const model of doc.all_models)
+      if (model.name === 'qk-token-labels' && model.visible) return (model.data_source.data.text || []).length;
+  return 0;
+}"""
 # what the matrix's wheel handler sends once zoomed past the threshold (`viz.matrix_view.SEMANTIC_ZOOM_JS`)
 SEMANTIC_ZOOM = """([x, y]) => {
   for (const doc of window.Bokeh.documents)
@@ -282,6 +289,15 @@ def drive(server: Server, page, head_query: str, heads: list[str], words: list[s
         page.mouse.move(cx + rng.uniform(-100, 100), cy + rng.uniform(-100, 100))
         server.timings.settle(time.time(), timeout=2)
         timed("zoom", lambda i=i: page.mouse.wheel(0, -200 if i % 2 == 0 else 200))
+    for _ in range(repeats):  # zoomed in until few points are in view: each gets its token
+        page.locator(".qk-reset-zoom button").first.click()
+        server.timings.settle(time.time(), timeout=10)
+        page.mouse.move(cx + rng.uniform(-60, 60), cy + rng.uniform(-60, 60))
+        timed("labels", lambda: [page.mouse.wheel(0, -120) for _ in range(22)])  # 0.8 of the range a step
+        if page.evaluate(LABELS) == 0:  # not zoomed in far enough: not a label appearance
+            seconds["labels"].pop()
+    page.locator(".qk-reset-zoom button").first.click()
+    server.timings.settle(time.time(), timeout=10)
     search = page.locator("input[placeholder='a token, or re:regex']").first
     for i in range(repeats):
         timed("search", lambda i=i: (search.fill(words[i % len(words)]), search.press("Enter")))

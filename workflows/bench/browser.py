@@ -293,8 +293,13 @@ def drive(server: Server, page, head_query: str, heads: list[str], words: list[s
         page.locator(".qk-reset-zoom button").first.click()
         server.timings.settle(time.time(), timeout=10)
         page.mouse.move(cx + rng.uniform(-60, 60), cy + rng.uniform(-60, 60))
-        timed("labels", lambda: [page.mouse.wheel(0, -120) for _ in range(22)])  # 0.8 of the range a step
-        if page.evaluate(LABELS) == 0:  # not zoomed in far enough: not a label appearance
+        for _ in range(16):  # 0.8 of the range a step, far enough that labels are a few steps away
+            page.mouse.wheel(0, -120)
+        server.timings.settle(time.time(), timeout=10)
+        for _ in range(10):  # the zoom in which they appear is the one timed
+            timed("labels", lambda: [page.mouse.wheel(0, -120) for _ in range(3)])
+            if page.evaluate(LABELS) > 0:
+                break
             seconds["labels"].pop()
     page.locator(".qk-reset-zoom button").first.click()
     server.timings.settle(time.time(), timeout=10)

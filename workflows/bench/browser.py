@@ -320,7 +320,7 @@ def drive(server: Server, page, head_query: str, heads: list[str], words: list[s
     for i in range(repeats):  # the matrix zoomed into a head: the request its wheel handler sends, answered
         page.locator(".qk-all-heads button").first.click()
         matrix.wait_for(state="visible", timeout=300_000)
-        server.timings.settle(time.time(), timeout=60)
+        server.timings.settle(time.time(), timeout=5)  # the matrix is drawn by now: a quiet moment
         cell = (i % 4 + 0.5, (i // 4) % 2 + 0.5)
         timed("semantic zoom", lambda cell=cell: page.evaluate(SEMANTIC_ZOOM, list(cell)))
     return seconds

@@ -153,11 +153,9 @@ def serve(port: int, source: str, timings: str) -> None:
         run = MappedSyntheticRun(int(n_tokens), folder)
     else:
         run = open_run(source)
-    from viz.emphasis import warm_renderers
+    from viz.server import warm_up
 
-    data = shared_run_data(run)
-    _ = data.vocabulary  # the token index and the compiled datashader pipelines, as the server's warm-up builds them
-    warm_renderers(data)
+    warm_up(shared_run_data(run))  # what a server builds at start, here before the first page, not beside it
     server = make_server(run, port=port, warm=False)
     print("ready", flush=True)
     server.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import hmac
 import ipaddress
 import json
@@ -266,7 +267,12 @@ def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str 
     """A Panel server (not started; on this thread's IOLoop) for `run` (a path or URL, or an opened
     run), or for several: a list of runs and directories of runs (`run_table`), with a run picker
     in the page. `basic_auth`: a password for `auth_user`, or a JSON file of user -> password (see
-    `load_credentials`)."""
+    `load_credentials`).
+
+    What the process holds once the server is built (the libraries, the run's tables) and once
+    its warm-up is done lives as long as the server: `gc.freeze` keeps Python's full collections
+    from walking it again and again, each a 0.25-0.5 s pause in the middle of some user's click
+    (`qkatlas bench browser`); sessions' own objects are collected as before."""
     import panel as pn
     from bokeh.settings import settings
 
@@ -291,9 +297,10 @@ def make_server(run, port: int = 5006, address: str = LOOPBACK, basic_auth: str 
     if pn.config.nthreads is None:  # read when events arrive, so set once the server exists
         pn.config.nthreads = SERVER_THREADS
     settings.perform_document_validation.set_value(False)  # developer checks of every model, on every page load
+    gc.freeze()
     if warm:
-        threading.Thread(target=lambda: [warm_up(shared_run_data(each)) for each in runs.values()], daemon=True,
-                         name="qkatlas-warm").start()
+        threading.Thread(target=lambda: ([warm_up(shared_run_data(each)) for each in runs.values()], gc.freeze()),
+                         daemon=True, name="qkatlas-warm").start()
     return server
 
 

@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 from test_browser import browser, click_until, new_page, pixels, serve, shot, stop, text_of  # noqa: F401
+from test_browser_parity import wait_until
 
 from viz import image_arrows, patches_layer
 from viz.data import KEY_COLOUR, MODE_DESCRIPTIONS, QUERY_COLOUR
@@ -59,14 +60,6 @@ def patches(page) -> tuple[int, str]:
     """(patches drawn, the colour mode they were drawn in)."""
     tags = page.evaluate(PATCHES, patches_layer.RENDERER_NAME) or [0, ""]
     return int(tags[0]), str(tags[1])
-
-
-def wait_until(page, condition, timeout_ms: int = 20_000) -> bool:
-    for _ in range(timeout_ms // 200):
-        if condition():
-            return True
-        page.wait_for_timeout(200)
-    return condition()
 
 
 def colour_count(image: np.ndarray, colour: str, tolerance: int = 12) -> int:

@@ -159,6 +159,12 @@ class CudaClusterConfig(_Strict):
     devices: list[int] | None = Field(None, description="GPU indices (CUDA_VISIBLE_DEVICES); default: all")
     threads_per_worker: int = Field(1, gt=0)
     memory_limit: str = "auto"
+    device_memory_limit: str | float = Field(
+        0.8, description="device memory a worker fills before spilling to the host: bytes ('40GB') or a "
+                         "fraction of its GPU")
+    rmm_pool_size: str | float | None = Field(
+        None, description="an RMM pool per worker, bytes or a fraction of its GPU: faster cuDF/cuML "
+                          "allocations, but torch (extraction) allocates outside it, so none by default")
     dashboard_address: str = ":8787"
 
     @field_validator("devices", mode="before")

@@ -178,6 +178,15 @@ def test_masks_move_every_tensor_to_another_device():
     assert moved.counts == on_cpu.counts
 
 
+def test_frames_stay_pandas_on_the_cpu_and_where_cudf_does_not_import(monkeypatch):
+    import sys
+
+    frame = pd.DataFrame({"x": np.arange(3, dtype=np.float32)})
+    assert arrays.backend_frame(frame, "cpu") is frame
+    monkeypatch.setitem(sys.modules, "cudf", None)  # import fails as if not installed
+    assert arrays.backend_frame(frame, "gpu") is frame
+
+
 # --- on a GPU --------------------------------------------------------------------------------
 
 
@@ -256,3 +265,33 @@ def test_head_measurements_on_cuda_equal_the_cpus(tiny_models, text_file, tmp_pa
         for a, b in zip(on_cuda[column], on_cpu[column]):
             assert (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-4, (column, a, b)
     np.testing.assert_allclose(top_cuda["score"], top_cpu["score"], atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_rasters_aggregated_from_cudf_frames_equal_the_cpus(cupy):
+    """The head view's frames in cuDF: datashader aggregates on the GPU; every aggregate (the
+    grid, each colour category's counts, the hover index) and the drawn image equal the CPU's."""
+    import datashader as ds
+
+    cudf = pytest.importorskip("cudf")
+    from viz.data import colouring
+    from viz.raster import HeadRaster, aggregate, head_points, point_frame
+    from workflows.bench.serve import _ranges, synthetic_coords
+
+    coords = synthetic_coords(400_000)
+    tokens = pd.DataFrame({"pos_norm": np.linspace(0, 1, 200_000, dtype=np.float32)})
+    mode = colouring("position", tokens)
+    rasters = {}
+    for name in ("cpu", "gpu"):
+        points = head_points(coords, name)
+        rasters[name] = HeadRaster(coords, mode, points=points, frame=point_frame(coords, mode, points, name))
+    assert isinstance(rasters["gpu"].frame, cudf.DataFrame) and isinstance(rasters["cpu"].frame, pd.DataFrame)
+    np.testing.assert_array_equal(rasters["cpu"].points.grid, rasters["gpu"].points.grid)
+    for x_range, y_range in _ranges(coords, 4):
+        canvas = ds.Canvas(plot_width=320, plot_height=240, x_range=x_range, y_range=y_range)
+        cpu, gpu = (aggregate(canvas, rasters[name].frame, ds.count_cat("c")) for name in ("cpu", "gpu"))
+        assert isinstance(gpu.data, np.ndarray)
+        np.testing.assert_array_equal(cpu.data, gpu.data)
+        np.testing.assert_array_equal(*(rasters[name].index_raster(x_range, y_range, 320, 240) for name in rasters))
+        images = [np.asarray(rasters[name].element(x_range, y_range, 320, 240).data) for name in rasters]
+        np.testing.assert_array_equal(*images)

@@ -59,6 +59,16 @@ def test_the_dashboard_opens_a_head_of_the_benchmarks_synthetic_run():
     assert len(dashboard.head._marks().Segments.I.data) > 0
 
 
+def test_bench_serve_gpu_row_compares_the_two_frame_backends():
+    """`qkatlas bench serve`'s GPU row: the same head drawn from a pandas and a cuDF frame. Here
+    (no cuDF) both frames are pandas, which runs every line of the row but the device's."""
+    from workflows.bench.serve import time_backends
+
+    result = time_backends(20_000, 3, 64, 48)
+    assert result["points"] == 20_000 and result["identical"]
+    assert result["cpu_ms"] > 0 and result["gpu_ms"] > 0
+
+
 def test_bench_browser_counts_the_servers_busy_time_once_where_its_work_overlaps():
     from workflows.bench.browser import _covered
 

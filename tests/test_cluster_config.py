@@ -125,6 +125,31 @@ def test_missing_cluster_package_is_a_clear_error(monkeypatch, section, package)
             pass
 
 
+def test_cuda_workers_run_the_gpu_backend_with_the_device_memory_asked_for(monkeypatch):
+    """A `kind: cuda` cluster hands dask-cuda its device memory settings and sets each worker's
+    array backend to the GPU (`QKATLAS_ARRAYS=gpu`), so a worker without CuPy fails loudly."""
+    import logging
+    import types
+
+    from workflows import cluster as clusters
+
+    seen = {}
+
+    class LocalCUDACluster:  # dask-cuda's, as far as qkatlas calls it
+        def __init__(self, **options):
+            seen.update(options)
+            self.workers = {0: None, 1: None}
+
+    monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=LocalCUDACluster))
+    config = cluster_of({"kind": "cuda", "devices": "0,1", "rmm_pool_size": "20GB", "device_memory_limit": 0.7})
+    _, description = clusters._start_cluster(config, logging.WARNING)
+    assert seen["env"] == {"QKATLAS_ARRAYS": "gpu"} and seen["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert (seen["rmm_pool_size"], seen["device_memory_limit"]) == ("20GB", 0.7)
+    assert description == "LocalCUDACluster, 2 GPU workers"
+    defaults = cluster_of({"kind": "cuda"})
+    assert (defaults.rmm_pool_size, defaults.device_memory_limit) == (None, 0.8)  # torch allocates outside RMM
+
+
 def test_unreachable_scheduler_is_a_clear_error():
     from workflows.cluster import ClusterError, open_client
 

@@ -453,7 +453,7 @@ def url_state(args: dict, choices: dict[str, list]) -> dict:
 # an image's patches as the model saw them (`viz.patches_layer`)
 CACHE_SIZES = {"coords": 6, "norms": 6, "colourings": 16, "tiers": 6, "regions": 6, "thumbnails": 4096,
                "hit_pixels": 4, "mosaics": 8, "head_tables": 8,
-               "head_points": 4, "frames": 6, "index_frames": 2, "tier_frames": 2,
+               "head_points": 4, "frames": 6, "tier_frames": 2,
                "image_patches": 256}
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline.arrays import backend_frame
 from viz.data import SEARCH_COLOUR, Colouring
-from viz.raster import HeadPoints, HeadRaster, full_range
+from viz.raster import HeadPoints, HeadRaster, aggregate, full_range
 
 TIER_PX = (1, 2, 3)  # spread radius in pixels of the small, medium and large dots
 HIT_PX = 3  # spread radius of a search hit
@@ -39,13 +40,13 @@ def dilate(agg, px: int):
     return agg.copy(data=maximum_filter(np.asarray(agg.data), footprint=footprint, mode="constant", cval=0))
 
 
-def _subset_frame(coords: np.ndarray, colouring: Colouring, points: np.ndarray) -> pd.DataFrame:
+def _subset_frame(coords: np.ndarray, colouring: Colouring, points: np.ndarray):
     categories = pd.Categorical.from_codes(colouring.codes[points].astype(np.int16), categories=colouring.categories,
                                            validate=False)
-    return pd.DataFrame({"x": coords[points, 0], "y": coords[points, 1], "c": categories})
+    return backend_frame(pd.DataFrame({"x": coords[points, 0], "y": coords[points, 1], "c": categories}))
 
 
-def tier_frames(coords: np.ndarray, colouring: Colouring, tiers: np.ndarray) -> list[tuple[int, pd.DataFrame]]:
+def tier_frames(coords: np.ndarray, colouring: Colouring, tiers: np.ndarray) -> list[tuple[int, object]]:
     """(spread radius, frame of the tier's points) per norm tier; shared by sessions like the point frame."""
     return [(TIER_PX[min(t, len(TIER_PX) - 1)], _subset_frame(coords, colouring, np.flatnonzero(tiers == t)))
             for t in np.unique(tiers)]
@@ -59,7 +60,7 @@ class StyledRaster(HeadRaster):
 
     def __init__(self, coords: np.ndarray, colouring: Colouring, hits: np.ndarray | None = None,
                  tiers: np.ndarray | list | None = None, fade: bool = False, points: HeadPoints | None = None,
-                 frame: pd.DataFrame | None = None):
+                 frame=None):
         super().__init__(coords, colouring, None, points, frame)
         self.hits = np.asarray(hits, dtype=np.int64) if hits is not None and len(hits) else None
         self.fade = fade
@@ -71,10 +72,10 @@ class StyledRaster(HeadRaster):
         import datashader as ds
 
         if self.tier_frames is None:
-            return canvas.points(self.frame, "x", "y", agg=ds.count_cat("c"))
+            return aggregate(canvas, self.frame, ds.count_cat("c"))
         total = None
         for px, frame in self.tier_frames:
-            counts = dilate(canvas.points(frame, "x", "y", agg=ds.count_cat("c")), px)
+            counts = dilate(aggregate(canvas, frame, ds.count_cat("c")), px)
             total = counts if total is None else total + counts
         return total
 
@@ -93,7 +94,7 @@ class StyledRaster(HeadRaster):
             image = tf.dynspread(image, threshold=0.8, max_px=1 if faded else 4)
         if self.hit_frame is None:
             return image
-        hits = canvas.points(self.hit_frame, "x", "y", agg=ds.count_cat("c"))
+        hits = aggregate(canvas, self.hit_frame, ds.count_cat("c"))
         outline = tf.shade(dilate(hits.sum(dim="c"), HIT_PX + 1), cmap=[OUTLINE, OUTLINE], how="linear",
                            min_alpha=255)
         fill = tf.shade(dilate(hits, HIT_PX), color_key=key, how="linear", min_alpha=255)

@@ -2,6 +2,11 @@
 view range (`HeadRaster`), and the thumbnails of the matrix view, on the fly in any colour mode
 (`shade_thumbnail`) or pre-rendered in the run by `qkatlas run` (`render_thumbnail`), one path.
 
+Datashader's stages split across the process's array backend (`pipeline.arrays`): the points'
+frames live where it computes (cuDF on the GPU backend, pandas on the CPU), so aggregation, the
+pass over every point, runs there (`aggregate`); the aggregate, a few MB whatever the number of
+points, is then shaded, spread and stacked on the host, the same code for both.
+
 The view calls `HeadRaster.element(...)` on every zoom or pan; `qkatlas bench serve` times that
 call against plain datashader (`Canvas.points` + `shade`) on the same data."""
 
@@ -15,6 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from pipeline.arrays import backend_frame, is_device_array, to_host
 from pipeline.store import write_thumbnail
 from viz.data import Colouring
 from viz.palette import KEY_COLOUR, QUERY_COLOUR, SEARCH_COLOUR
@@ -23,10 +29,12 @@ from viz.palette import KEY_COLOUR, QUERY_COLOUR, SEARCH_COLOUR
 @dataclass(frozen=True)
 class HeadPoints:
     """What every session's raster of one head reads and none changes, built once per server:
-    `frame` holds x and y (contiguous float32) and i (each point's index, for the hover raster);
-    every colour mode's frame shares its x and y."""
+    `host` holds x and y (contiguous float32) and i (each point's index, for the hover raster),
+    and every colour mode's frame shares its x and y; `frame` is `host` where datashader
+    aggregates it (`pipeline.arrays.backend_frame`: a cuDF copy on the GPU, `host` on the CPU)."""
 
-    frame: pd.DataFrame
+    host: pd.DataFrame
+    frame: object  # pandas or cuDF DataFrame
     x_full: tuple[float, float]
     y_full: tuple[float, float]
     grid: np.ndarray  # int64 [GRID, GRID]: points per cell of the full range, row 0 = lowest y
@@ -52,25 +60,36 @@ def _point_index(n_points: int) -> np.ndarray:
     return index
 
 
-def head_points(coords: np.ndarray) -> HeadPoints:
+def aggregate(canvas, frame, reduction):
+    """`canvas.points(frame, "x", "y", agg=reduction)`, on the host: datashader aggregates where
+    `frame` lives (a cuDF frame: on the GPU), then the aggregate comes to the host."""
+    counts = canvas.points(frame, "x", "y", agg=reduction)
+    return counts.copy(data=to_host(counts.data)) if is_device_array(counts.data) else counts
+
+
+def head_points(coords: np.ndarray, backend: str | None = None) -> HeadPoints:
+    """`backend`: "cpu" | "gpu", where the frame lives (default: the process's array backend)."""
     import datashader as ds
 
     x_full, y_full = full_range(coords)
-    frame = pd.DataFrame({"x": np.ascontiguousarray(coords[:, 0], dtype=np.float32),
-                          "y": np.ascontiguousarray(coords[:, 1], dtype=np.float32),
-                          "i": _point_index(len(coords))}, copy=False)
+    host = pd.DataFrame({"x": np.ascontiguousarray(coords[:, 0], dtype=np.float32),
+                         "y": np.ascontiguousarray(coords[:, 1], dtype=np.float32),
+                         "i": _point_index(len(coords))}, copy=False)
+    frame = backend_frame(host, backend)
     canvas = ds.Canvas(plot_width=GRID, plot_height=GRID, x_range=x_full, y_range=y_full)
-    grid = np.asarray(canvas.points(frame, "x", "y", agg=ds.count()).data, dtype=np.int64)
-    return HeadPoints(frame, x_full, y_full, grid)
+    grid = np.asarray(aggregate(canvas, frame, ds.count()).data, dtype=np.int64)
+    return HeadPoints(host, frame, x_full, y_full, grid)
 
 
-def point_frame(coords: np.ndarray, colouring: Colouring, points: HeadPoints | None = None) -> pd.DataFrame:
-    """x, y and the colour category of every point; `points`' x and y where given (no copy)."""
+def point_frame(coords: np.ndarray, colouring: Colouring, points: HeadPoints | None = None,
+                backend: str | None = None):
+    """x, y and the colour category of every point, where `backend` aggregates (see
+    `head_points`); on the host, `points`' x and y where given (no copy)."""
     categories = pd.Categorical.from_codes(colouring.codes.astype(np.int16), categories=colouring.categories,
                                            validate=False)
-    x = points.frame["x"].to_numpy() if points is not None else np.ascontiguousarray(coords[:, 0])
-    y = points.frame["y"].to_numpy() if points is not None else np.ascontiguousarray(coords[:, 1])
-    return pd.DataFrame({"x": x, "y": y, "c": categories}, copy=False)
+    x = points.host["x"].to_numpy() if points is not None else np.ascontiguousarray(coords[:, 0])
+    y = points.host["y"].to_numpy() if points is not None else np.ascontiguousarray(coords[:, 1])
+    return backend_frame(pd.DataFrame({"x": x, "y": y, "c": categories}, copy=False), backend)
 
 
 def full_range(coords: np.ndarray, pad: float = 0.03) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -93,7 +112,7 @@ class HeadRaster:
     session's raster then holds only what is its own (the highlight, its last hover raster)."""
 
     def __init__(self, coords: np.ndarray, colouring: Colouring, highlight: np.ndarray | None = None,
-                 points: HeadPoints | None = None, frame: pd.DataFrame | None = None):
+                 points: HeadPoints | None = None, frame=None):
         self.coords = coords
         self.colouring = colouring
         self.points = points if points is not None else head_points(coords)
@@ -101,7 +120,7 @@ class HeadRaster:
         self.x_full, self.y_full = self.points.x_full, self.points.y_full
         self.highlight = None
         if highlight is not None and len(highlight):
-            self.highlight = pd.DataFrame({"x": coords[highlight, 0], "y": coords[highlight, 1]})
+            self.highlight = backend_frame(pd.DataFrame({"x": coords[highlight, 0], "y": coords[highlight, 1]}))
         self._index_key, self._index = None, None
 
     def _canvas(self, x_range, y_range, width, height):
@@ -116,11 +135,11 @@ class HeadRaster:
         import datashader.transfer_functions as tf
 
         canvas = self._canvas(x_range, y_range, width, height)
-        counts = canvas.points(self.frame, "x", "y", agg=ds.count_cat("c"))
+        counts = aggregate(canvas, self.frame, ds.count_cat("c"))
         image = tf.dynspread(tf.shade(counts, color_key=self.colouring.colour_key, how="eq_hist", min_alpha=80),
                              threshold=0.8, max_px=4)
         if self.highlight is not None:
-            matches = canvas.points(self.highlight, "x", "y", agg=ds.count())
+            matches = aggregate(canvas, self.highlight, ds.count())
             image = tf.stack(image, tf.spread(tf.shade(matches, cmap=[SEARCH_COLOUR, SEARCH_COLOUR], min_alpha=255),
                                               px=2))
         return image
@@ -140,7 +159,7 @@ class HeadRaster:
 
         key = (tuple(x_range or self.x_full), tuple(y_range or self.y_full), int(width), int(height))
         if key != self._index_key:
-            agg = self._canvas(*key).points(self.points.frame, "x", "y", agg=ds.max("i"))
+            agg = aggregate(self._canvas(*key), self.points.frame, ds.max("i"))
             values = np.nan_to_num(np.asarray(agg.data, dtype=np.float64), nan=-1).astype(np.int64)
             self._index_key, self._index = key, np.flipud(values)
         return self._index
@@ -160,7 +179,7 @@ def shade_thumbnail(coords: np.ndarray, colouring: Colouring, size: int) -> np.n
 
     x_range, y_range = full_range(coords)
     canvas = ds.Canvas(plot_width=size, plot_height=size, x_range=x_range, y_range=y_range)
-    counts = canvas.points(point_frame(coords, colouring), "x", "y", agg=ds.count_cat("c"))
+    counts = aggregate(canvas, point_frame(coords, colouring), ds.count_cat("c"))
     image = tf.set_background(tf.shade(counts, color_key=colouring.colour_key, how="eq_hist", min_alpha=60), "white")
     return to_rgba(image)
 

@@ -3,6 +3,8 @@
     local      dask.distributed LocalCluster, sized so that workers x threads <= cores, each
                worker pinned to its own cores
     cuda       dask-cuda's LocalCUDACluster, one worker per GPU          (pip install dask-cuda)
+               its workers run the GPU array backend (QKATLAS_ARRAYS=gpu): one without CuPy fails
+               its tasks saying so rather than running on the host
     scheduler  an existing scheduler at tcp://HOST:PORT
     slurm/pbs  dask-jobqueue's SLURMCluster / PBSCluster                (pip install dask-jobqueue)
 """
@@ -20,6 +22,7 @@ from typing import Iterator
 from dask.system import cpu_count
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from pipeline.arrays import ENVIRONMENT
 from pipeline.config import (CudaClusterConfig, JobQueueClusterConfig, LocalClusterConfig,
                              SchedulerClusterConfig)
 from pipeline.errors import QkatlasError
@@ -174,8 +177,9 @@ def _start_cluster(config, level: int):
             raise _missing("dask-cuda", "cuda", "dask-cuda") from None
         devices = ",".join(map(str, config.devices)) if config.devices is not None else None
         cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, threads_per_worker=config.threads_per_worker,
-                                   memory_limit=config.memory_limit, dashboard_address=config.dashboard_address,
-                                   silence_logs=level)
+                                   memory_limit=config.memory_limit, device_memory_limit=config.device_memory_limit,
+                                   rmm_pool_size=config.rmm_pool_size, dashboard_address=config.dashboard_address,
+                                   silence_logs=level, env={ENVIRONMENT: "gpu"})
         return cluster, f"LocalCUDACluster, {len(cluster.workers)} GPU workers"
     if isinstance(config, JobQueueClusterConfig):
         try:

@@ -5,7 +5,7 @@ Steps: the environment; extraction on cpu and on the device (stored Q/K compared
 recomputed from the device's run against the model's eager attention on the CPU, tokens/s);
 normalization and quality metrics given CuPy arrays against NumPy; every projection method on
 the `gpu` backend (cuML); head measurements (`pipeline.heads`) on both runs, and on one run with
-torch on the device vs on the CPU; sizes.
+torch on the device vs on the CPU; the dashboard's raster from cuDF frames vs pandas; sizes.
 
 It runs from source on a bare GPU image plus the wheels of `scripts/gpu_wheels.sh`, so every
 optional import is guarded, each step records its own error, and the report is rewritten after
@@ -642,6 +642,26 @@ def step_heads_on_device(context: dict) -> dict:
     return details
 
 
+def step_rasters(context: dict) -> dict:
+    """The dashboard's raster drawn from cuDF frames (datashader aggregating on the GPU) and from
+    pandas frames, as `qkatlas bench serve`'s GPU row: every view's counts identical, and times."""
+    from workflows.bench.serve import gpu_unavailable, time_backends
+
+    if context["device"] == "cuda" and (reason := gpu_unavailable()) is not None:
+        raise Skipped(f"cuDF rasters: skipped ({reason})")
+    details: dict = {}
+    for n_points in (1_000_000, 10_000_000) if context["device"] == "cuda" else (20_000,):
+        check_time(context, f"rasters of {n_points:,} points")
+        result = time_backends(n_points, 5, 640, 560)
+        details[f"points_{n_points}"] = result
+        print_line(f"  {n_points:,} points, 16 colour categories: cuDF {result['gpu_ms']:.1f} ms vs pandas "
+                   f"{result['cpu_ms']:.1f} ms a view; counts identical: {result['identical']}")
+    differing = [name for name, result in details.items() if not result["identical"]]
+    if differing:
+        raise CheckFailed(f"rasters from cuDF differ from pandas' at {', '.join(differing)}", details)
+    return details
+
+
 def value_difference(a: float, b: float) -> float:
     """|a - b|; 0 where both are NaN (a measure undefined for this head), inf where one is."""
     if np.isnan(a) or np.isnan(b):
@@ -715,7 +735,8 @@ def write_report(report: dict, out: Path) -> None:
 
 STEPS = [("environment", step_environment), ("extraction", step_extraction),
          ("normalization_and_quality", step_normalization_and_quality), ("projections", step_projections),
-         ("heads", step_heads), ("heads_on_device", step_heads_on_device), ("sizes", step_sizes)]
+         ("heads", step_heads), ("heads_on_device", step_heads_on_device), ("rasters", step_rasters),
+         ("sizes", step_sizes)]
 
 
 def interrupt(_signal, _frame):

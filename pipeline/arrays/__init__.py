@@ -6,6 +6,7 @@ imports) on a GPU. One module per backend, as `pipeline.reduce` and datashader's
     available() -> str | None why it cannot run here, or None
     array_module()            numpy | cupy
     frame_module()            pandas | cudf (pandas where cuDF does not import)
+    from_pandas(frame)        the frame in that library: a cuDF copy on the GPU, itself on the CPU
     torch_device              "cpu" | "cuda": where torch math (head measurements) runs
     nearest(reference, probes, k) -> [m, k] indices of each probe's k nearest reference rows
 
@@ -97,6 +98,13 @@ def stable_argsort(values, axis: int = -1):
 
 def to_host(array) -> np.ndarray:
     return array.get() if is_device_array(array) else np.asarray(array)
+
+
+def backend_frame(frame, name: str | None = None):
+    """A pandas `frame` where backend `name` ("cpu" | "gpu"; default: the process's) computes on
+    frames: a cuDF copy on the GPU backend where cuDF imports (datashader then aggregates it on
+    the device), `frame` itself otherwise."""
+    return importlib.import_module(BACKENDS[name or backend().name]).from_pandas(frame)
 
 
 def nearest(reference, probes, k: int):

@@ -46,6 +46,13 @@ def frame_module() -> ModuleType:
         return pandas
 
 
+def from_pandas(frame):
+    """A cuDF copy of pandas `frame` (categoricals stay categorical), or `frame` where cuDF does
+    not import."""
+    frames = frame_module()
+    return frames.from_pandas(frame) if frames.__name__ == "cudf" else frame
+
+
 def nearest(reference, probes, k: int, xp: ModuleType | None = None, block_elements: int = BLOCK_ELEMENTS):
     """[m, k] indices of each probe's k nearest reference rows, by brute force in blocks of
     probes: the `CANDIDATES * k` nearest by |r|^2 - 2 p.r in float32, re-ranked by direct float64

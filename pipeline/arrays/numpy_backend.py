@@ -24,6 +24,10 @@ def frame_module() -> ModuleType:
     return pandas
 
 
+def from_pandas(frame):
+    return frame
+
+
 def nearest(reference: np.ndarray, probes: np.ndarray, k: int) -> np.ndarray:
     """[m, k] indices of each probe's k nearest reference rows (faiss exact L2 search; -1 where
     the reference has fewer than k rows)."""

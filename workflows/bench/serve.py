@@ -82,6 +82,48 @@ def time_rasterize(n_points: int, repeats: int, width: int, height: int) -> dict
     return {"points": len(frame), "raw_ms": raw_ms, "qkatlas_ms": ours_ms, "ratio": ours_ms / raw_ms}
 
 
+def gpu_unavailable() -> str | None:
+    """Why the GPU row cannot run here (no CuPy or CUDA device, or no cuDF), or None."""
+    from pipeline.arrays import cupy_backend
+
+    reason = cupy_backend.available()
+    if reason is None and cupy_backend.frame_module().__name__ != "cudf":
+        reason = "cuDF does not import (pip install 'qkatlas[gpu]')"
+    return reason
+
+
+def time_backends(n_points: int, repeats: int, width: int, height: int) -> dict:
+    """The head view's raster (`HeadRaster.element`) with its frames in pandas (datashader
+    aggregates on the CPU) and in cuDF (on the GPU), same points, same views, interleaved; and
+    whether every view's count aggregate is identical on both."""
+    import datashader as ds
+
+    from viz.data import colouring
+    from viz.raster import HeadRaster, aggregate, head_points, point_frame
+
+    coords = synthetic_coords(2 * (n_points // 2))
+    tokens = pd.DataFrame({"pos_norm": np.linspace(0, 1, n_points // 2, dtype=np.float32)})
+    mode = colouring("position", tokens)  # 16 categories: the costliest aggregation of the text modes
+    rasters = {}
+    for name in ("cpu", "gpu"):
+        points = head_points(coords, name)
+        rasters[name] = HeadRaster(coords, mode, points=points, frame=point_frame(coords, mode, points, name))
+    views = _ranges(coords, repeats)
+    identical = True
+    for x_range, y_range in views:
+        canvas = ds.Canvas(plot_width=width, plot_height=height, x_range=x_range, y_range=y_range)
+        counts = [aggregate(canvas, rasters[name].frame, ds.count_cat("c")).data for name in ("cpu", "gpu")]
+        identical &= bool(np.array_equal(*counts))
+    timings = {"cpu": [], "gpu": []}
+    for view in views:
+        for name, raster in rasters.items():
+            began = time.perf_counter()
+            raster.element(*view, width, height)  # the aggregate comes to the host: the GPU's work is done
+            timings[name].append((time.perf_counter() - began) * 1000)
+    return {"points": len(rasters["cpu"].frame), "cpu_ms": statistics.median(timings["cpu"][1:] or timings["cpu"]),
+            "gpu_ms": statistics.median(timings["gpu"][1:] or timings["gpu"]), "identical": identical}
+
+
 def head_memory(n_points: int) -> float:
     """Memory (MB, as numpy/pandas allocate it, traced) for one head of `n_points` held by the server
     (coordinates, categories,
@@ -373,6 +415,15 @@ def bench_serve(points: list[int], repeats: int, sessions: int, width: int, heig
         say(f"{result['points']:>12,} {result['raw_ms']:>12.1f} ms {result['qkatlas_ms']:>10.1f} ms "
             f"{result['ratio']:>6.2f}   {'met' if ok else 'MISSED'} (ratio <= {GOAL_RATIO}"
             f"{f', < {GOAL_MS:.0f} ms' if n >= 10_000_000 else ''})")
+    reason = gpu_unavailable()
+    if reason is not None:
+        say(f"GPU row: not run here: {reason}")
+    for n in points if reason is None else []:
+        result = time_backends(n, repeats, width, height)
+        say(f"GPU {result['points']:>8,} points, 16-category view: cuDF frame (datashader on the GPU) "
+            f"{result['gpu_ms']:.1f} ms vs pandas (CPU) {result['cpu_ms']:.1f} ms, "
+            f"x{result['cpu_ms'] / result['gpu_ms']:.1f}; count aggregates identical in every view: "
+            f"{'yes' if result['identical'] else 'NO'}")
     largest = max(points)
     say(f"memory: one head of {largest:,} points holds {head_memory(largest):,.0f} MB in the server "
         f"(RSS now {psutil.Process().memory_info().rss / 2**20:,.0f} MB)")

@@ -29,6 +29,7 @@ def serve(
 ) -> None:
     """Serve the dashboard (matrix, single-head, sequence and image views) over one run, or over
     several with a run picker (`qkatlas serve runs/nightly-*` or `qkatlas serve runs/`)."""
+    from pipeline.arrays import backend
     from viz.server import exposure_warnings, make_server  # panel, bokeh: imported when used
 
     tls = tls_cert is not None or tls_key is not None
@@ -40,6 +41,10 @@ def serve(
     scheme = "https" if tls else "http"
     served = ", ".join(run)
     console.print(f"[bold green]serving[/] {served} at {scheme}://{host}:{port}/  (Ctrl+C stops)", highlight=False)
+    arrays = backend()
+    on = "the GPU (cuDF frames)" if arrays.frames.__name__ == "cudf" else \
+        f"the CPU ({arrays.why_not_gpu or 'cuDF does not import'})"
+    console.print(f"points aggregated by datashader on {on}", soft_wrap=True, highlight=False)
     server.start()
     if show:
         server.show("/")

@@ -24,6 +24,7 @@ def test_bench_extract_reports_both_rates_and_their_ratio(tiny_models, text_file
     figures = last_json(result.output)
     assert figures["tokens"] > 0 and figures["plain_tokens_per_s"] > 0 and figures["extract_tokens_per_s"] > 0
     assert abs(figures["throughput_ratio"] - figures["extract_tokens_per_s"] / figures["plain_tokens_per_s"]) < 0.01
+    assert figures["capture_ratio"] > 0 and "capture only" in result.output
 
 
 def test_bench_reduce_compares_direct_umap_with_the_default(tiny_models, tmp_path):

@@ -94,10 +94,12 @@ class StyledRaster(HeadRaster):
             image = tf.dynspread(image, threshold=0.8, max_px=1 if faded else 4)
         if self.hit_frame is None:
             return image
+        # each hit pixel shaded first, then spread as a disc: the spread visits the few hit pixels,
+        # where dilating the categorical aggregate filtered every pixel of every category
         hits = aggregate(canvas, self.hit_frame, ds.count_cat("c"))
-        outline = tf.shade(dilate(hits.sum(dim="c"), HIT_PX + 1), cmap=[OUTLINE, OUTLINE], how="linear",
-                           min_alpha=255)
-        fill = tf.shade(dilate(hits, HIT_PX), color_key=key, how="linear", min_alpha=255)
+        outline = tf.spread(tf.shade(hits.sum(dim="c"), cmap=[OUTLINE, OUTLINE], how="linear", min_alpha=255),
+                            mask=disc(HIT_PX + 1))
+        fill = tf.spread(tf.shade(hits, color_key=key, how="linear", min_alpha=255), mask=disc(HIT_PX))
         return tf.stack(image, outline, fill)
 
 

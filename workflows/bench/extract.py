@@ -63,6 +63,19 @@ def _time_extract(loaded, batches, out: str, layers: list[int] | None = None, co
     return seconds
 
 
+def _time_capture(loaded, batches) -> float:
+    """The extraction's forward and capture into fresh buffers, nothing handed to the store: what
+    extract-and-write costs before the writer (its difference from `_time_extract` is the
+    writer's share: CRCs, and the kernel's work copying the vectors into the page cache)."""
+    from pipeline.extract import forward_vectors
+
+    layers = list(range(loaded.layout.n_layers))
+    began = time.perf_counter()
+    for batch in batches:
+        forward_vectors(loaded, batch, layers, np.dtype("float16"))
+    return time.perf_counter() - began
+
+
 def bench_extract(model: str, data: str, sequences: int, batch_size: int, threads: int | None, memory: bool,
                   memory_sequences: int = 1600) -> dict:
     configure_threads(threads)
@@ -70,10 +83,11 @@ def bench_extract(model: str, data: str, sequences: int, batch_size: int, thread
     n_tokens = sum(sum(batch.lengths) for batch in batches)
     _time_plain(loaded, batches[:2])  # warm-up
     first_three = [layer for layer in (0, 1, 2) if layer < loaded.layout.n_layers]
-    plain, extracted, compressed, early, early_three = [], [], [], [], []
+    plain, captured, extracted, compressed, early, early_three = [], [], [], [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(ROUNDS):  # interleaved, so that a busy spell on a shared machine hits every measure
             plain.append(_time_plain(loaded, batches))
+            captured.append(_time_capture(loaded, batches))
             extracted.append(_time_extract(loaded, batches, f"{scratch}/none-{round_}", compression="none"))
             compressed.append(_time_extract(loaded, batches, f"{scratch}/lz4-{round_}", compression="lz4"))
             early.append(_time_extract(loaded, batches, f"{scratch}/early-{round_}", layers=first_three[:2]))
@@ -82,6 +96,7 @@ def bench_extract(model: str, data: str, sequences: int, batch_size: int, thread
     result = {"model": model, "sequences": len([s for b in batches for s in b.sequences]), "tokens": n_tokens,
               "threads": torch.get_num_threads(), "plain_tokens_per_s": round(plain_rate),
               "extract_tokens_per_s": round(extract_rate), "throughput_ratio": round(extract_rate / plain_rate, 3),
+              "capture_ratio": round(min(plain) / min(captured), 3),
               "lz4_ratio": round(min(plain) / min(compressed), 3),
               "layers_0_1_ratio": round(min(plain) / min(early), 3),
               "layers_0_2_ratio": round(min(plain) / min(early_three), 3)}
@@ -93,6 +108,8 @@ def bench_extract(model: str, data: str, sequences: int, batch_size: int, thread
     table.add_row("extract + write, tokens/s", f"{extract_rate:,.0f}", "")
     table.add_row("ratio extract / plain (all layers, default: no compression)", f"{result['throughput_ratio']:.3f}",
                   ">= 0.90")
+    table.add_row("ratio capture only (no store writes) / plain", f"{result['capture_ratio']:.3f}",
+                  "the writer's share is the gap")
     table.add_row("ratio extract / plain (all layers, lz4)", f"{result['lz4_ratio']:.3f}", "")
     table.add_row("ratio extract layers 0,1 / plain full forward", f"{result['layers_0_1_ratio']:.3f}", ">= 1.5")
     table.add_row(f"ratio extract layers 0-2 of {loaded.layout.n_layers} / plain full forward",

@@ -70,6 +70,14 @@ def test_bench_serve_gpu_row_compares_the_two_frame_backends():
     assert result["cpu_ms"] > 0 and result["gpu_ms"] > 0
 
 
+def test_bench_serve_times_the_search_view_against_the_plain_one():
+    from workflows.bench.serve import time_emphasis
+
+    result = time_emphasis(20_000, 3, 64, 48)
+    assert [r["categories"] for r in result.values()] == [2, 16]
+    assert all(r["hits"] > 1_000 and r["search_ms"] > 0 and r["plain_ms"] > 0 for r in result.values())
+
+
 def test_bench_browser_counts_the_servers_busy_time_once_where_its_work_overlaps():
     from workflows.bench.browser import _covered
 

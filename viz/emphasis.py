@@ -94,11 +94,11 @@ class StyledRaster(HeadRaster):
             image = tf.dynspread(image, threshold=0.8, max_px=1 if faded else 4)
         if self.hit_frame is None:
             return image
-        # each hit pixel shaded first, then spread as a disc: the spread visits the few hit pixels,
-        # where dilating the categorical aggregate filtered every pixel of every category
         hits = aggregate(canvas, self.hit_frame, ds.count_cat("c"))
-        outline = tf.spread(tf.shade(hits.sum(dim="c"), cmap=[OUTLINE, OUTLINE], how="linear", min_alpha=255),
-                            mask=disc(HIT_PX + 1))
+        outline = tf.shade(dilate(hits.sum(dim="c"), HIT_PX + 1), cmap=[OUTLINE, OUTLINE], how="linear",
+                           min_alpha=255)
+        # the fill is shaded first, then spread as discs: dilating the categorical aggregate filtered
+        # every pixel of every category (180 ms with 16 categories), the spread visits the hit pixels
         fill = tf.spread(tf.shade(hits, color_key=key, how="linear", min_alpha=255), mask=disc(HIT_PX))
         return tf.stack(image, outline, fill)
 

@@ -82,6 +82,39 @@ def time_rasterize(n_points: int, repeats: int, width: int, height: int) -> dict
     return {"points": len(frame), "raw_ms": raw_ms, "qkatlas_ms": ours_ms, "ratio": ours_ms / raw_ms}
 
 
+def time_emphasis(n_points: int, repeats: int, width: int, height: int, share: float = 1 / 11) -> dict:
+    """A search's view (`StyledRaster` with hits: the rest faded, hits enlarged and outlined) vs
+    the same view without hits, in a 2- and a 16-category mode; the hits are `share` of the points
+    (1/11: a common word of the synthetic run). Median ms of each, and their ratio, per mode."""
+    from viz.data import colouring
+    from viz.emphasis import StyledRaster
+    from viz.raster import head_points, point_frame
+
+    coords = synthetic_coords(2 * (n_points // 2))
+    tokens = pd.DataFrame({"pos_norm": np.linspace(0, 1, n_points // 2, dtype=np.float32)})
+    points = head_points(coords)
+    hits = np.flatnonzero(np.random.default_rng(2).random(len(coords)) < share)
+    views = _ranges(coords, repeats)
+    result = {}
+    for mode in ("query / key", "position"):
+        scheme = colouring(mode, tokens)
+        frame = point_frame(coords, scheme, points)
+        rasters = {"plain": StyledRaster(coords, scheme, points=points, frame=frame),
+                   "search": StyledRaster(coords, scheme, hits=hits, points=points, frame=frame)}
+        timings: dict[str, list[float]] = {name: [] for name in rasters}
+        for raster in rasters.values():
+            raster.element(*views[0], width, height)  # warm-up
+        for view in views:
+            for name, raster in rasters.items():
+                began = time.perf_counter()
+                raster.element(*view, width, height)
+                timings[name].append((time.perf_counter() - began) * 1000)
+        plain, search = statistics.median(timings["plain"]), statistics.median(timings["search"])
+        result[mode] = {"categories": len(scheme.colours), "hits": len(hits), "plain_ms": plain,
+                        "search_ms": search, "ratio": search / plain}
+    return result
+
+
 def gpu_unavailable() -> str | None:
     """Why the GPU row cannot run here (no CuPy or CUDA device, or no cuDF), or None."""
     from pipeline.arrays import cupy_backend
@@ -415,6 +448,10 @@ def bench_serve(points: list[int], repeats: int, sessions: int, width: int, heig
         say(f"{result['points']:>12,} {result['raw_ms']:>12.1f} ms {result['qkatlas_ms']:>10.1f} ms "
             f"{result['ratio']:>6.2f}   {'met' if ok else 'MISSED'} (ratio <= {GOAL_RATIO}"
             f"{f', < {GOAL_MS:.0f} ms' if n >= 10_000_000 else ''})")
+    largest = max(points)
+    for mode, result in time_emphasis(largest, repeats, width, height).items():
+        say(f"search view, {largest:,} points, {mode} ({result['categories']} categories), {result['hits']:,} hits: "
+            f"{result['search_ms']:.1f} ms vs {result['plain_ms']:.1f} ms without hits, x{result['ratio']:.2f}")
     reason = gpu_unavailable()
     if reason is not None:
         say(f"GPU row: not run here: {reason}")
@@ -424,7 +461,6 @@ def bench_serve(points: list[int], repeats: int, sessions: int, width: int, heig
             f"{result['gpu_ms']:.1f} ms vs pandas (CPU) {result['cpu_ms']:.1f} ms, "
             f"x{result['cpu_ms'] / result['gpu_ms']:.1f}; count aggregates identical in every view: "
             f"{'yes' if result['identical'] else 'NO'}")
-    largest = max(points)
     say(f"memory: one head of {largest:,} points holds {head_memory(largest):,.0f} MB in the server "
         f"(RSS now {psutil.Process().memory_info().rss / 2**20:,.0f} MB)")
     say(f"load: a server process over a synthetic run of {n_tokens:,} tokens ({2 * n_tokens:,} points per head); "

@@ -437,6 +437,7 @@ def bench_serve(points: list[int], repeats: int, sessions: int, width: int, heig
     import psutil
 
     from rich.console import Console
+    from rich.markup import escape
 
     say = functools.partial(Console(stderr=True).print, soft_wrap=True, highlight=False)
     say(f"[bold]qkatlas bench serve[/]: {os.cpu_count()} CPUs, raster {width}x{height}, "
@@ -454,7 +455,7 @@ def bench_serve(points: list[int], repeats: int, sessions: int, width: int, heig
             f"{result['search_ms']:.1f} ms vs {result['plain_ms']:.1f} ms without hits, x{result['ratio']:.2f}")
     reason = gpu_unavailable()
     if reason is not None:
-        say(f"GPU row: not run here: {reason}")
+        say(f"GPU row: not run here: {escape(reason)}")
     for n in points if reason is None else []:
         result = time_backends(n, repeats, width, height)
         say(f"GPU {result['points']:>8,} points, 16-category view: cuDF frame (datashader on the GPU) "

@@ -29,6 +29,8 @@ def serve(
 ) -> None:
     """Serve the dashboard (matrix, single-head, sequence and image views) over one run, or over
     several with a run picker (`qkatlas serve runs/nightly-*` or `qkatlas serve runs/`)."""
+    from rich.markup import escape
+
     from pipeline.arrays import backend
     from viz.server import exposure_warnings, make_server  # panel, bokeh: imported when used
 
@@ -44,7 +46,7 @@ def serve(
     arrays = backend()
     on = "the GPU (cuDF frames)" if arrays.frames.__name__ == "cudf" else \
         f"the CPU ({arrays.why_not_gpu or 'cuDF does not import'})"
-    console.print(f"points aggregated by datashader on {on}", soft_wrap=True, highlight=False)
+    console.print(f"points aggregated by datashader on {escape(on)}", soft_wrap=True, highlight=False)
     server.start()
     if show:
         server.show("/")

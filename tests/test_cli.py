@@ -40,3 +40,23 @@ def test_bad_input_exits_2_with_a_message(tmp_path, text_file):
     assert result.exit_code == 2 and "unknown demo model" in result.output
     result = runner.invoke(app, ["extract", "--model", "demo:minilm"])
     assert result.exit_code == 2 and "missing --data, --out" in result.output
+
+
+def test_serve_says_where_datashader_aggregates(monkeypatch):
+    """`qkatlas serve` names the array backend its rasters aggregate on, and why not the GPU."""
+    from types import SimpleNamespace
+
+    import viz.server
+
+    server = SimpleNamespace(start=lambda: None, io_loop=SimpleNamespace(start=lambda: None))
+    monkeypatch.setattr(viz.server, "make_server", lambda *args, **kwargs: server)
+    monkeypatch.setenv("QKATLAS_ARRAYS", "cpu")
+    from pipeline import arrays
+
+    arrays.backend.cache_clear()
+    try:
+        result = runner.invoke(app, ["serve", "some-run", "--port", "5999"])
+    finally:
+        arrays.backend.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "points aggregated by datashader on the CPU (QKATLAS_ARRAYS=cpu)" in " ".join(result.output.split())

@@ -3,6 +3,7 @@ never oversubscribe, and the cuda / jobqueue / scheduler code paths up to their 
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
@@ -125,9 +126,8 @@ def test_missing_cluster_package_is_a_clear_error(monkeypatch, section, package)
             pass
 
 
-def test_cuda_workers_run_the_gpu_backend_with_the_device_memory_asked_for(monkeypatch):
-    """A `kind: cuda` cluster hands dask-cuda its device memory settings and sets each worker's
-    array backend to the GPU (`QKATLAS_ARRAYS=gpu`), so a worker without CuPy fails loudly."""
+def test_cuda_workers_get_the_device_memory_asked_for(monkeypatch):
+    """A `kind: cuda` cluster hands dask-cuda its device memory settings."""
     import logging
     import types
 
@@ -143,11 +143,30 @@ def test_cuda_workers_run_the_gpu_backend_with_the_device_memory_asked_for(monke
     monkeypatch.setitem(sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=LocalCUDACluster))
     config = cluster_of({"kind": "cuda", "devices": "0,1", "rmm_pool_size": "20GB", "device_memory_limit": 0.7})
     _, description = clusters._start_cluster(config, logging.WARNING)
-    assert seen["env"] == {"QKATLAS_ARRAYS": "gpu"} and seen["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert seen["CUDA_VISIBLE_DEVICES"] == "0,1" and "env" not in seen  # dask-cuda would replace it
     assert (seen["rmm_pool_size"], seen["device_memory_limit"]) == ("20GB", 0.7)
     assert description == "LocalCUDACluster, 2 GPU workers"
     defaults = cluster_of({"kind": "cuda"})
     assert (defaults.rmm_pool_size, defaults.device_memory_limit) == (None, 0.8)  # torch allocates outside RMM
+
+
+def test_cuda_workers_are_set_to_the_gpu_array_backend(monkeypatch):
+    """The plugin a `kind: cuda` cluster registers: on a worker, the backend is decided again as
+    the GPU; here, without CuPy, that is the one-line error such a worker would report."""
+    from pipeline import arrays
+    from pipeline.arrays import ArraysError
+    from workflows.cluster import ArraysOnGpu
+
+    monkeypatch.setenv("QKATLAS_ARRAYS", "cpu")  # restored after the test, whatever the plugin sets
+    arrays.backend.cache_clear()
+    assert arrays.backend().name == "cpu"  # decided before the plugin ran
+    try:
+        ArraysOnGpu().setup(worker=None)
+        assert os.environ["QKATLAS_ARRAYS"] == "gpu"
+        with pytest.raises(ArraysError, match="QKATLAS_ARRAYS=gpu"):
+            arrays.backend()
+    finally:
+        arrays.backend.cache_clear()
 
 
 def test_unreachable_scheduler_is_a_clear_error():

@@ -113,6 +113,21 @@ def _missing(package: str, kind: str, extra: str) -> ClusterError:
                         f"install it with: pip install '{extra}'")
 
 
+class ArraysOnGpu(WorkerPlugin):
+    """Sets each dask-cuda worker's array backend to the GPU (`QKATLAS_ARRAYS=gpu`) when it starts
+    (and restarts), so that a worker without CuPy fails its tasks saying so instead of computing
+    on its host. A plugin, not the workers' `env` option: dask-cuda replaces that with its own
+    CUDA_VISIBLE_DEVICES."""
+
+    name = "qkatlas-arrays-on-gpu"
+
+    def setup(self, worker) -> None:
+        from pipeline import arrays
+
+        os.environ[ENVIRONMENT] = "gpu"
+        arrays.backend.cache_clear()
+
+
 @contextlib.contextmanager
 def open_client(config, quiet: bool = True) -> Iterator[tuple[object, str]]:
     """Yield (client, description) for a `cluster:` section; closes what it started."""
@@ -147,6 +162,8 @@ def open_client(config, quiet: bool = True) -> Iterator[tuple[object, str]]:
                 slices = core_slices(workers, threads)
                 if slices:
                     client.register_plugin(PinCores(slices))
+            if isinstance(config, CudaClusterConfig):
+                client.register_plugin(ArraysOnGpu())
             if isinstance(config, JobQueueClusterConfig):
                 try:
                     client.wait_for_workers(1, timeout=config.timeout)
@@ -179,7 +196,7 @@ def _start_cluster(config, level: int):
         cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=devices, threads_per_worker=config.threads_per_worker,
                                    memory_limit=config.memory_limit, device_memory_limit=config.device_memory_limit,
                                    rmm_pool_size=config.rmm_pool_size, dashboard_address=config.dashboard_address,
-                                   silence_logs=level, env={ENVIRONMENT: "gpu"})
+                                   silence_logs=level)
         return cluster, f"LocalCUDACluster, {len(cluster.workers)} GPU workers"
     if isinstance(config, JobQueueClusterConfig):
         try:

@@ -22,7 +22,7 @@ from typing import Iterator
 from dask.system import cpu_count
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.arrays import ENVIRONMENT
+from pipeline import arrays
 from pipeline.config import (CudaClusterConfig, JobQueueClusterConfig, LocalClusterConfig,
                              SchedulerClusterConfig)
 from pipeline.errors import QkatlasError
@@ -122,9 +122,7 @@ class ArraysOnGpu(WorkerPlugin):
     name = "qkatlas-arrays-on-gpu"
 
     def setup(self, worker) -> None:
-        from pipeline import arrays
-
-        os.environ[ENVIRONMENT] = "gpu"
+        os.environ[arrays.ENVIRONMENT] = "gpu"
         arrays.backend.cache_clear()
 
 

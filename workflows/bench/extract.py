@@ -68,11 +68,13 @@ def _time_capture(loaded, batches) -> float:
     extract-and-write costs before the writer (its difference from `_time_extract` is the
     writer's share: CRCs, and the kernel's work copying the vectors into the page cache)."""
     from pipeline.extract import forward_vectors
+    from pipeline.store import VectorSpec
 
     layers = list(range(loaded.layout.n_layers))
+    dtype = np.dtype(VectorSpec.dtype)  # as `_time_extract` stores them
     began = time.perf_counter()
     for batch in batches:
-        forward_vectors(loaded, batch, layers, np.dtype("float16"))
+        forward_vectors(loaded, batch, layers, dtype)
     return time.perf_counter() - began
 
 

@@ -82,6 +82,20 @@ def time_rasterize(n_points: int, repeats: int, width: int, height: int) -> dict
     return {"points": len(frame), "raw_ms": raw_ms, "qkatlas_ms": ours_ms, "ratio": ours_ms / raw_ms}
 
 
+def _median_element_ms(rasters: dict, views: list, width: int, height: int) -> dict[str, float]:
+    """Median ms of each raster's `element` over `views`, interleaved so that drift hits all
+    alike, after one warm-up view each."""
+    for raster in rasters.values():
+        raster.element(*views[0], width, height)
+    timings: dict[str, list[float]] = {name: [] for name in rasters}
+    for view in views:
+        for name, raster in rasters.items():
+            began = time.perf_counter()
+            raster.element(*view, width, height)
+            timings[name].append((time.perf_counter() - began) * 1000)
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
 def time_emphasis(n_points: int, repeats: int, width: int, height: int, share: float = 1 / 11) -> dict:
     """A search's view (`StyledRaster` with hits: the rest faded, hits enlarged and outlined) vs
     the same view without hits, in a 2- and a 16-category mode; the hits are `share` of the points
@@ -101,15 +115,8 @@ def time_emphasis(n_points: int, repeats: int, width: int, height: int, share: f
         frame = point_frame(coords, scheme, points)
         rasters = {"plain": StyledRaster(coords, scheme, points=points, frame=frame),
                    "search": StyledRaster(coords, scheme, hits=hits, points=points, frame=frame)}
-        timings: dict[str, list[float]] = {name: [] for name in rasters}
-        for raster in rasters.values():
-            raster.element(*views[0], width, height)  # warm-up
-        for view in views:
-            for name, raster in rasters.items():
-                began = time.perf_counter()
-                raster.element(*view, width, height)
-                timings[name].append((time.perf_counter() - began) * 1000)
-        plain, search = statistics.median(timings["plain"]), statistics.median(timings["search"])
+        medians = _median_element_ms(rasters, views, width, height)
+        plain, search = medians["plain"], medians["search"]
         result[mode] = {"categories": len(scheme.colours), "hits": len(hits), "plain_ms": plain,
                         "search_ms": search, "ratio": search / plain}
     return result
@@ -147,14 +154,9 @@ def time_backends(n_points: int, repeats: int, width: int, height: int) -> dict:
         canvas = ds.Canvas(plot_width=width, plot_height=height, x_range=x_range, y_range=y_range)
         counts = [aggregate(canvas, rasters[name].frame, ds.count_cat("c")).data for name in ("cpu", "gpu")]
         identical &= bool(np.array_equal(*counts))
-    timings = {"cpu": [], "gpu": []}
-    for view in views:
-        for name, raster in rasters.items():
-            began = time.perf_counter()
-            raster.element(*view, width, height)  # the aggregate comes to the host: the GPU's work is done
-            timings[name].append((time.perf_counter() - began) * 1000)
-    return {"points": len(rasters["cpu"].frame), "cpu_ms": statistics.median(timings["cpu"][1:] or timings["cpu"]),
-            "gpu_ms": statistics.median(timings["gpu"][1:] or timings["gpu"]), "identical": identical}
+    medians = _median_element_ms(rasters, views, width, height)  # each ends on the host: the GPU's work is done
+    return {"points": len(rasters["cpu"].frame), "cpu_ms": medians["cpu"], "gpu_ms": medians["gpu"],
+            "identical": identical}
 
 
 def head_memory(n_points: int) -> float:
